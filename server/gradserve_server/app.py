@@ -1,0 +1,155 @@
+"""build_server(settings) -> (server, port): the one factory the CLI and the tests use."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
+from gradserve._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
+from .core.service import Core
+from .metrics import Metrics
+from .settings import Settings
+from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
+from .transport.servicer import GradientServicer
+
+log = logging.getLogger("gradserve")
+SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+SCOPES_ALL = frozenset({"read", "train", "admin"})
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available, else cpu; cuda:N checked against the devices present."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise SystemExit(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def load_tokens(path: str) -> dict[str, frozenset[str]]:
+    """'token [scope,scope]' per line; no scopes means all; # starts a comment."""
+    tokens: dict[str, frozenset[str]] = {}
+    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        scopes = frozenset(s.strip() for s in parts[1].split(",")) if len(parts) > 1 else SCOPES_ALL
+        unknown = scopes - SCOPES_ALL
+        if unknown:
+            raise SystemExit(f"{path}:{number}: unknown scope(s) {sorted(unknown)}; "
+                             f"expected {sorted(SCOPES_ALL)}")
+        tokens[parts[0]] = scopes
+    if not tokens:
+        raise SystemExit(f"{path}: no tokens")
+    return tokens
+
+
+class GradServer:
+    """A built server: gRPC, health, metrics endpoint and the core, started and stopped together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.metrics = Metrics(settings.buckets, settings.max_models)
+        self.core = Core(self.device, settings.limits, self.metrics, settings.state_dir,
+                         settings.autosave_steps, settings.autosave_seconds)
+        interceptors: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
+        if settings.auth_token_file:
+            interceptors.append(AuthInterceptor(load_tokens(settings.auth_token_file)))
+        interceptors.append(ErrorInterceptor())
+        size = settings.max_message_mb * 1024 * 1024
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.threads,
+                                       thread_name_prefix="gradserve-rpc"),
+            interceptors=interceptors,
+            options=[("grpc.max_send_message_length", size),
+                     ("grpc.max_receive_message_length", size),
+                     ("grpc.so_reuseport", 0)],
+        )
+        pb_grpc.add_GradientServiceServicer_to_server(GradientServicer(self.core), self.grpc)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.grpc)
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+                root_certificates=(Path(settings.tls_client_ca).read_bytes()
+                                   if settings.tls_client_ca else None),
+                require_client_auth=bool(settings.tls_client_ca))
+            self.port = self.grpc.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        self.metrics_port = -1
+        self._metrics_server: object | None = None
+
+    def start(self) -> None:
+        restored = self.core.restore_all()
+        if restored:
+            log.info("restored %d model(s) from %s", restored, self.settings.state_dir)
+        if self.settings.metrics_port >= 0:
+            host = self.settings.metrics_host or self.settings.host
+            self._metrics_server, self.metrics_port = self.metrics.serve(
+                host, self.settings.metrics_port)
+        self.grpc.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("gradserve serving", extra={"fields": {
+            "grpc": f"{self.settings.host}:{self.port}", "metrics_port": self.metrics_port,
+            "device": str(self.device), "tls": bool(self.settings.tls_cert),
+            "auth": bool(self.settings.auth_token_file)}})
+
+    def drain(self, grace: float | None = None) -> int:
+        """Graceful stop: NOT_SERVING, stop Train loops at a step boundary, checkpoint, close."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self.core.trainer.shutdown.set()
+        self.grpc.stop(grace).wait(grace + 1)
+        saved = self.core.checkpoint_all()
+        if saved:
+            log.info("checkpointed %d model(s) to %s", saved, self.settings.state_dir)
+        self.close_metrics()
+        return saved
+
+    def stop(self) -> None:
+        """Immediate stop (tests)."""
+        self.core.trainer.shutdown.set()
+        self.grpc.stop(0).wait(5)
+        self.close_metrics()
+
+    def close_metrics(self) -> None:
+        server = self._metrics_server
+        if server is not None:
+            server.shutdown()  # type: ignore[attr-defined]
+            server.server_close()  # type: ignore[attr-defined]
+            self._metrics_server = None
+
+
+def build_server(settings: Settings) -> tuple[GradServer, int]:
+    """Wire the server from settings; returns it unstarted with its bound gRPC port."""
+    server = GradServer(settings)
+    return server, server.port

@@ -1,0 +1,52 @@
+"""Optimizers a spec may name, with the hyper-parameters PyTorch gives them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import optim
+
+from ..core.errors import InvalidArgument
+from .kwargs import check_kwargs
+
+_COMMON = frozenset({"lr", "weight_decay", "maximize"})
+OPTIMIZERS: dict[str, tuple[type[optim.Optimizer], frozenset[str]]] = {
+    "sgd": (optim.SGD, _COMMON | {"momentum", "dampening", "nesterov"}),
+    "adam": (optim.Adam, _COMMON | {"betas", "eps", "amsgrad"}),
+    "adamw": (optim.AdamW, _COMMON | {"betas", "eps", "amsgrad"}),
+    "rmsprop": (optim.RMSprop, _COMMON | {"alpha", "eps", "momentum", "centered"}),
+    "adagrad": (optim.Adagrad, _COMMON | {"lr_decay", "initial_accumulator_value", "eps"}),
+}
+DEFAULT = {"type": "sgd", "lr": 0.001}
+
+
+def build_optimizer(
+    name: str, params: Mapping[str, Any], parameters: Iterable[torch.nn.Parameter]
+) -> optim.Optimizer | None:
+    """The optimizer over `parameters`, or None when the model has none to optimize."""
+    name = name or "sgd"
+    entry = OPTIMIZERS.get(name)
+    if entry is None:
+        raise InvalidArgument(
+            f"spec.optimizer.type: unknown optimizer {name!r}; allowed: {sorted(OPTIMIZERS)}"
+        )
+    cls, allowed = entry
+    kwargs = check_kwargs(cls.__init__, params, f"spec.optimizer ({name})", allowed=allowed)
+    for key, value in kwargs.items():
+        if isinstance(value, tuple):
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        else:
+            ok = isinstance(value, (int, float))
+        if not ok:
+            raise InvalidArgument(f"spec.optimizer ({name}).{key}: expected a number, got {value!r}")
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
+    parameters = list(parameters)
+    if not parameters:
+        return None
+    try:
+        return cls(parameters, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"spec.optimizer ({name}): {exc}") from None

@@ -1,0 +1,69 @@
+"""Learning-rate schedules built on torch.optim.lr_scheduler, stepped once per optimizer step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import optim
+from torch.optim import lr_scheduler
+
+from ..core.errors import InvalidArgument
+from .kwargs import check_kwargs
+
+LRScheduler = lr_scheduler.LRScheduler
+
+# type -> (scheduler class, {spec name: torch argument name})
+SCHEDULES: dict[str, tuple[type[LRScheduler], dict[str, str]]] = {
+    "step": (lr_scheduler.StepLR, {"step_size": "step_size", "gamma": "gamma"}),
+    "exponential": (lr_scheduler.ExponentialLR, {"gamma": "gamma"}),
+    "cosine": (lr_scheduler.CosineAnnealingLR, {"t_max": "T_max", "eta_min": "eta_min"}),
+    "linear": (lr_scheduler.LinearLR,
+               {"start_factor": "start_factor", "end_factor": "end_factor",
+                "total_iters": "total_iters"}),
+}
+
+
+def build_schedule(
+    optimizer: optim.Optimizer | None,
+    kind: str,
+    params: Mapping[str, Any],
+    warmup_steps: int,
+    warmup_start_factor: float,
+    total_steps: int,
+) -> LRScheduler | None:
+    """The scheduler for a run, or None. `total_steps` is the default cosine t_max."""
+    kind = kind or "none"
+    if kind != "none" and kind not in SCHEDULES:
+        raise InvalidArgument(
+            f"options.schedule.type: unknown schedule {kind!r}; allowed: "
+            f"{['none', *sorted(SCHEDULES)]}"
+        )
+    if kind == "none" and params:
+        raise InvalidArgument("options.schedule.params: schedule 'none' takes no parameters")
+    if optimizer is None or (kind == "none" and warmup_steps == 0):
+        return None
+    schedules: list[LRScheduler] = []
+    try:
+        if warmup_steps:
+            factor = warmup_start_factor or 0.1
+            schedules.append(lr_scheduler.LinearLR(
+                optimizer, start_factor=factor, end_factor=1.0, total_iters=warmup_steps))
+        if kind != "none":
+            cls, names = SCHEDULES[kind]
+            unknown = set(params) - set(names)
+            if unknown:
+                raise InvalidArgument(
+                    f"options.schedule.params: unknown {sorted(unknown)} for {kind!r}; "
+                    f"allowed: {sorted(names)}"
+                )
+            kwargs = check_kwargs(cls.__init__, {names[k]: v for k, v in params.items()},
+                                  f"options.schedule ({kind})")
+            if cls is lr_scheduler.CosineAnnealingLR:
+                kwargs.setdefault("T_max", max(1, total_steps - warmup_steps))
+            schedules.append(cls(optimizer, **kwargs))
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise InvalidArgument(f"options.schedule: {exc}") from None
+    if len(schedules) == 1:
+        return schedules[0]
+    return lr_scheduler.SequentialLR(optimizer, schedules, milestones=[warmup_steps])

@@ -1,0 +1,1 @@
+"""The gradserve core: models, sessions, training. Knows nothing of gRPC."""

@@ -1,0 +1,18 @@
+"""Resource limits the core enforces (built from Settings at start-up)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_models: int = 256
+    max_parameters: int = 500_000_000          # elements per model
+    max_request_bytes: int = 512 * 1024 * 1024  # tensor bytes in one request
+    max_graphs: int = 64                        # retained forward graphs per model
+    max_graph_bytes: int = 1024 * 1024 * 1024   # bytes of retained graphs per model
+    graph_ttl_s: float = 300.0                  # a retained graph unused this long is evicted
+    max_train_runs: int = 8                     # concurrent Train/TrainStream runs
+    max_dataset_bytes: int = 8 * 1024 * 1024 * 1024  # all uploaded datasets together
+    request_id_window: int = 1024               # remembered request ids per model

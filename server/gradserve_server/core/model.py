@@ -1,0 +1,456 @@
+"""One live model: module, loss, optimizer, retained graphs, and PyTorch's semantics on them."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ..catalog.expressions import ExpressionModule, check_name, compile_expression
+from ..catalog.layers import build_sequential
+from ..catalog.losses import Loss, build_loss
+from ..catalog.optimizers import build_optimizer
+from ..catalog.plugins import build_plugin
+from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from .hooks import Hooks
+from .limits import Limits
+from .spec import FLOAT_DTYPES, SOURCES, ModelSpec
+
+T = TypeVar("T")
+# Seeded construction touches torch's global RNG; one creation at a time keeps it reproducible.
+_RNG_LOCK = threading.Lock()
+
+
+@dataclass
+class BackwardResult:
+    loss: float | None
+    step: int
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_grads: list[torch.Tensor] = field(default_factory=list)
+    output: torch.Tensor | None = None
+
+
+@dataclass
+class _Graph:
+    output: torch.Tensor
+    inputs: list[torch.Tensor]
+    nbytes: int
+    created: float
+
+
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that later in-place updates cannot tear."""
+    t = t.detach()
+    return t.cpu() if t.device.type != "cpu" else t.clone()
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _build_module(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+    if spec.source == "layers":
+        return build_sequential(spec.layers)
+    if spec.source == "expression":
+        for name in spec.inputs:
+            check_name(name, "spec.expression.inputs")
+        if len(set(spec.inputs)) != len(spec.inputs):
+            raise InvalidArgument("spec.expression.inputs: names must be unique")
+        for name in spec.parameters:
+            check_name(name, "spec.expression.parameters")
+            if name in spec.inputs:
+                raise InvalidArgument(f"spec.expression: {name!r} is both an input and a parameter")
+        expr = compile_expression(spec.expression, [*spec.inputs, *spec.parameters], dtype)
+        params = {}
+        for name, value in spec.parameters.items():
+            if not (value.is_floating_point() or value.dtype in (torch.int64, torch.int32)):
+                raise InvalidArgument(f"spec.expression.parameters[{name}]: must be numeric")
+            params[name] = value.detach().to(dtype).clone()
+        return ExpressionModule(expr, spec.inputs, params)
+    if spec.source == "plugin":
+        return build_plugin(spec.plugin, spec.plugin_kwargs)
+    raise InvalidArgument(f"spec.source: set exactly one of {SOURCES}")
+
+
+class Model:
+    """A model and its training state. Every public method takes the model's lock."""
+
+    def __init__(self, model_id: str, spec: ModelSpec, device: torch.device, limits: Limits,
+                 hooks: Hooks) -> None:
+        dtype = FLOAT_DTYPES.get(spec.dtype)
+        if dtype is None:
+            raise InvalidArgument(f"spec.dtype: {spec.dtype!r} is not a floating dtype; "
+                                  f"expected one of {sorted(FLOAT_DTYPES)}")
+        self.id = model_id
+        self.spec = spec
+        self.device = device
+        self.dtype = dtype
+        self.limits = limits
+        self.hooks = hooks
+        self.loss_fn: Loss = build_loss(spec.loss, spec.loss_reduction, spec.loss_kwargs)
+        self._check_size(spec, dtype)
+        with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+            if spec.seed is not None:
+                torch.manual_seed(spec.seed)
+            module = _build_module(spec, dtype)
+        self.module: nn.Module = module.to(dtype=dtype).to(device)
+        self.module.train()
+        self._apply_initial(spec.initial_parameters)
+        self._apply_frozen(spec.frozen)
+        self.optimizer = build_optimizer(spec.optimizer, spec.optimizer_params,
+                                         self.module.parameters())
+        self.step_count = 0
+        self.lock = threading.Lock()
+        self.training_run: str | None = None
+        self.deleted = threading.Event()
+        self._graphs: OrderedDict[str, _Graph] = OrderedDict()
+        self._evicted: OrderedDict[str, str] = OrderedDict()
+        self._graph_bytes = 0
+        self._results: OrderedDict[str, Any] = OrderedDict()
+        self.created = time.time()
+
+    # ------------------------------------------------------------------ construction helpers
+
+    def _check_size(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        """Count parameters on the meta device before allocating anything real."""
+        if spec.source == "expression":
+            count = sum(v.numel() for v in spec.parameters.values())
+        else:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in _build_module(spec, dtype).parameters())
+        if count > self.limits.max_parameters:
+            raise ResourceExhausted(
+                f"spec: the model has {count} parameters; the limit (max_parameters) is "
+                f"{self.limits.max_parameters}"
+            )
+
+    def _named_state(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.state_dict(keep_vars=True))
+
+    def _apply_initial(self, values: Mapping[str, torch.Tensor]) -> None:
+        self._assign(values, "spec.initial_parameters")
+
+    def _apply_frozen(self, names: Sequence[str]) -> None:
+        params = dict(self.module.named_parameters())
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise InvalidArgument(f"spec.frozen: unknown parameter(s) {unknown}; "
+                                  f"parameters: {list(params)}")
+        for name in names:
+            params[name].requires_grad_(False)
+
+    def _assign(self, values: Mapping[str, torch.Tensor], what: str) -> None:
+        """Copy values into parameters/buffers in place, all checked before any is written."""
+        state = self._named_state()
+        for name, value in values.items():
+            if name not in state:
+                raise InvalidArgument(f"{what}[{name}]: unknown name; known: {list(state)}")
+            if tuple(value.shape) != tuple(state[name].shape):
+                raise InvalidArgument(f"{what}[{name}]: shape {list(value.shape)} does not match "
+                                      f"{list(state[name].shape)}")
+            if value.is_floating_point() != state[name].is_floating_point():
+                raise InvalidArgument(f"{what}[{name}]: dtype {value.dtype} does not fit "
+                                      f"{state[name].dtype}")
+        with torch.no_grad():
+            for name, value in values.items():
+                state[name].copy_(value)
+
+    # ------------------------------------------------------------------ description
+
+    def describe(self) -> dict[str, Any]:
+        params = dict(self.module.named_parameters())
+        entries = []
+        for name, t in self.module.state_dict(keep_vars=True).items():
+            is_param = name in params
+            entries.append({"name": name, "shape": list(t.shape),
+                            "dtype": str(t.dtype).removeprefix("torch."),
+                            "trainable": bool(is_param and t.requires_grad),
+                            "buffer": not is_param})
+        return {
+            "model_id": self.id, "spec": self.spec, "parameters": entries,
+            "step": self.step_count, "device": str(self.device),
+            "num_parameters": sum(p.numel() for p in params.values()),
+            "inputs": list(self.spec.inputs), "retained_graphs": len(self._graphs),
+            "training": self.training_run is not None,
+        }
+
+    # ------------------------------------------------------------------ request plumbing
+
+    @contextmanager
+    def mutating(self) -> Iterator[None]:
+        """Hold the lock for a state-changing call; refuse while a Train run owns the model."""
+        with self.lock:
+            if self.training_run is not None:
+                raise FailedPrecondition(
+                    f"model {self.id!r} is training (run {self.training_run}); cancel the run "
+                    "or wait for it to finish"
+                )
+            yield
+
+    def once(self, request_id: str, fn: Callable[[], T]) -> T:
+        """Run fn at most once per request_id (caller holds the lock); repeats get the result."""
+        if not request_id:
+            return fn()
+        if request_id in self._results:
+            return self._results[request_id]  # type: ignore[no-any-return]
+        result = fn()
+        self._results[request_id] = result
+        while len(self._results) > self.limits.request_id_window:
+            self._results.popitem(last=False)
+        return result
+
+    def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False
+                       ) -> list[torch.Tensor]:
+        """Move inputs to the device; floating ones take the model dtype (documented rule)."""
+        expected = len(self.spec.inputs) if self.spec.source == "expression" else (
+            1 if self.spec.source == "layers" else None)
+        if expected is not None and len(inputs) != expected:
+            names = f" ({', '.join(self.spec.inputs)})" if self.spec.inputs else ""
+            raise InvalidArgument(f"inputs: the model takes {expected} input(s){names}, "
+                                  f"got {len(inputs)}")
+        out = []
+        for t in inputs:
+            if t.is_floating_point():
+                t = t.to(device=self.device, dtype=self.dtype)
+                if requires_grad:
+                    t = t.detach().requires_grad_(True)
+            else:
+                t = t.to(device=self.device)
+            out.append(t)
+        return out
+
+    def prepare_target(self, target: torch.Tensor | None) -> torch.Tensor | None:
+        if target is None:
+            return None
+        if target.is_floating_point():
+            return target.to(device=self.device, dtype=self.dtype)
+        return target.to(device=self.device)
+
+    def run_module(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """module(*inputs), turning torch's shape/dtype complaints into INVALID_ARGUMENT."""
+        try:
+            out = self.module(*inputs)
+        except InvalidArgument:
+            raise
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            raise InvalidArgument(f"inputs: the forward pass failed: {exc}") from None
+        if not isinstance(out, torch.Tensor):
+            raise InvalidArgument("the model returned a non-tensor output; plugins must return "
+                                  "one tensor")
+        return out
+
+    def _timed(self, phase: str, start: float) -> None:
+        self.hooks.phase_seconds(self.id, phase, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ Forward
+
+    def forward(self, inputs: Sequence[torch.Tensor], retain_graph: bool, eval_mode: bool
+                ) -> tuple[torch.Tensor, str]:
+        start = time.perf_counter()
+        with self.lock:
+            self._expire_graphs()
+            if retain_graph and self.training_run is not None:
+                raise FailedPrecondition(f"model {self.id!r} is training; retained forwards "
+                                         "are refused until the run ends")
+            self.module.train(not eval_mode)
+            try:
+                if not retain_graph:
+                    with torch.no_grad():
+                        out = self.run_module(self.prepare_inputs(inputs))
+                    self._timed("forward", start)
+                    return _snapshot(out) if out.device.type != "cpu" else out.detach(), ""
+                xs = self.prepare_inputs(inputs, requires_grad=True)
+                out = self.run_module(xs)
+                forward_id = self._retain(out, xs)
+            finally:
+                self.module.train()
+            self._timed("forward", start)
+            return _snapshot(out), forward_id
+
+    def _retain(self, output: torch.Tensor, inputs: list[torch.Tensor]) -> str:
+        if not output.requires_grad:
+            raise FailedPrecondition("retain_graph: the output does not depend on any trainable "
+                                     "parameter or floating input; nothing to differentiate")
+        forward_id = uuid.uuid4().hex
+        nbytes = _nbytes([output, *inputs])
+        while self._graphs and (len(self._graphs) >= self.limits.max_graphs
+                                or self._graph_bytes + nbytes > self.limits.max_graph_bytes):
+            self._evict(next(iter(self._graphs)), "the per-model budget "
+                        f"(max_graphs={self.limits.max_graphs}, "
+                        f"max_graph_bytes={self.limits.max_graph_bytes}) was reached")
+        if nbytes > self.limits.max_graph_bytes:
+            raise ResourceExhausted(f"retain_graph: this graph holds {nbytes} bytes; the limit "
+                                    f"(max_graph_bytes) is {self.limits.max_graph_bytes}")
+        self._graphs[forward_id] = _Graph(output, inputs, nbytes, time.monotonic())
+        self._graph_bytes += nbytes
+        self.hooks.graphs(self.id, len(self._graphs), 0)
+        return forward_id
+
+    def _evict(self, forward_id: str, why: str) -> None:
+        graph = self._graphs.pop(forward_id)
+        self._graph_bytes -= graph.nbytes
+        self._evicted[forward_id] = why
+        while len(self._evicted) > 4096:
+            self._evicted.popitem(last=False)
+        self.hooks.graphs(self.id, len(self._graphs), 1)
+
+    def _expire_graphs(self) -> None:
+        deadline = time.monotonic() - self.limits.graph_ttl_s
+        while self._graphs:
+            forward_id, graph = next(iter(self._graphs.items()))
+            if graph.created > deadline:
+                break
+            self._evict(forward_id, f"it was unused for {self.limits.graph_ttl_s:g} s (graph TTL)")
+
+    def _take_graph(self, forward_id: str) -> _Graph:
+        self._expire_graphs()
+        graph = self._graphs.pop(forward_id, None)
+        if graph is not None:
+            self._graph_bytes -= graph.nbytes
+            self.hooks.graphs(self.id, len(self._graphs), 0)
+            return graph
+        why = self._evicted.get(forward_id)
+        if why is not None:
+            raise FailedPrecondition(f"forward_id {forward_id}: the graph was evicted because {why};"
+                                     " run Forward again")
+        raise NotFound(f"forward_id {forward_id!r}: no retained graph with this id on model "
+                       f"{self.id!r} (each graph is consumed by one Backward)")
+
+    def drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._graph_bytes = 0
+
+    # ------------------------------------------------------------------ Backward / Step
+
+    def backward(
+        self,
+        *,
+        inputs: Sequence[torch.Tensor],
+        target: torch.Tensor | None,
+        forward_id: str,
+        grad_output: torch.Tensor | None,
+        return_grads: bool,
+        return_input_grads: bool,
+        step: bool,
+        return_output: bool,
+        request_id: str = "",
+    ) -> BackwardResult:
+        with self.mutating():
+            return self.once(request_id, lambda: self._backward(
+                inputs, target, forward_id, grad_output, return_grads, return_input_grads,
+                step, return_output))
+
+    def _backward(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None,
+                  forward_id: str, grad_output: torch.Tensor | None, return_grads: bool,
+                  return_input_grads: bool, step: bool, return_output: bool) -> BackwardResult:
+        start = time.perf_counter()
+        if forward_id:
+            if inputs:
+                raise InvalidArgument("inputs: give either inputs (fused) or forward_id, not both")
+            if (grad_output is None) == (target is None) and self.loss_fn.needs_target:
+                raise InvalidArgument("with forward_id give exactly one of target or grad_output")
+            graph = self._take_graph(forward_id)
+            out, xs = graph.output, graph.inputs
+        else:
+            if grad_output is not None:
+                raise InvalidArgument("grad_output: only valid with forward_id")
+            xs = self.prepare_inputs(inputs, requires_grad=return_input_grads)
+            self.module.train()
+            out = self.run_module(xs)
+            self._timed("forward", start)
+            start = time.perf_counter()
+        loss_value: float | None = None
+        if grad_output is not None:
+            g = self.prepare_target(grad_output)
+            assert g is not None
+            if g.shape != out.shape:
+                raise InvalidArgument(f"grad_output: shape {list(g.shape)} does not match the "
+                                      f"output shape {list(out.shape)}")
+            roots, grads_in = out, g.to(out.dtype)
+        else:
+            loss = self.loss_fn(out, self.prepare_target(target))
+            loss_value = float(loss.detach())
+            roots, grads_in = loss, None
+        wanted = [x for x in xs if x.requires_grad] if return_input_grads else []
+        if not roots.requires_grad:
+            raise FailedPrecondition("the loss does not depend on any trainable parameter or "
+                                     "input; nothing to differentiate")
+        try:
+            roots.backward(grads_in)
+        except RuntimeError as exc:
+            raise InvalidArgument(f"backward failed: {exc}") from None
+        self._timed("backward", start)
+        result = BackwardResult(loss=loss_value, step=self.step_count)
+        if loss_value is not None:
+            self.hooks.loss(self.id, loss_value)
+        if return_grads:
+            result.grads = {n: _snapshot(p.grad) for n, p in self.module.named_parameters()
+                            if p.grad is not None}
+        if return_input_grads:
+            result.input_grads = [_snapshot(x.grad) if x.grad is not None else
+                                  torch.zeros_like(x, device="cpu") for x in wanted]
+        if return_output:
+            result.output = _snapshot(out)
+        if step:
+            result.step = self._step(zero_grad=True)
+        return result
+
+    def step(self, keep_grad: bool = False, request_id: str = "") -> int:
+        with self.mutating():
+            return self.once(request_id, lambda: self._step(zero_grad=not keep_grad))
+
+    def _step(self, zero_grad: bool, samples: int = 0) -> int:
+        start = time.perf_counter()
+        if self.optimizer is not None:
+            self.optimizer.step()
+            if zero_grad:
+                self.optimizer.zero_grad()
+        self.step_count += 1
+        self._timed("optimizer_step", start)
+        self.hooks.steps(self.id, 1, samples)
+        if self.optimizer is not None:
+            self.hooks.learning_rate(self.id, float(self.optimizer.param_groups[0]["lr"]))
+        return self.step_count
+
+    def zero_grad(self, request_id: str = "") -> None:
+        with self.mutating():
+            self.once(request_id, lambda: self.module.zero_grad())
+
+    # ------------------------------------------------------------------ parameters
+
+    def get_parameters(self, names: Sequence[str], include_grads: bool, include_buffers: bool
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                  dict[str, torch.Tensor]]:
+        with self.lock:
+            params = dict(self.module.named_parameters())
+            buffers = dict(self.module.named_buffers())
+            unknown = [n for n in names if n not in params and n not in buffers]
+            if unknown:
+                raise NotFound(f"names: unknown parameter(s) {unknown}; known: "
+                               f"{[*params, *buffers]}")
+            chosen = list(names) or [*params, *(buffers if include_buffers else ())]
+            values = {n: _snapshot(params[n]) for n in chosen if n in params}
+            bufs = {n: _snapshot(buffers[n]) for n in chosen if n in buffers}
+            grads = {n: _snapshot(params[n].grad) for n in values
+                     if include_grads and params[n].grad is not None}
+            return values, grads, bufs
+
+    def set_parameters(self, values: Mapping[str, torch.Tensor], request_id: str = "") -> None:
+        if not values:
+            raise InvalidArgument("parameters: give at least one name -> tensor")
+        with self.mutating():
+            self.once(request_id, lambda: self._assign(values, "parameters"))
+
+    def total_grad_norm(self) -> float:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.nn.utils.get_total_norm(grads))

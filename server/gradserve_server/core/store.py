@@ -1,0 +1,85 @@
+"""The registry of live models: ids, limits, lookup, deletion."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import torch
+
+from .errors import AlreadyExists, NotFound, ResourceExhausted
+from .ids import check_id
+from .hooks import Hooks
+from .limits import Limits
+from .model import Model
+from .spec import ModelSpec
+
+class ModelStore:
+    """Models by id. Store-level operations hold a short lock; model work holds the model's."""
+
+    def __init__(self, device: torch.device, limits: Limits, hooks: Hooks) -> None:
+        self.device = device
+        self.limits = limits
+        self.hooks = hooks
+        self._models: dict[str, Model] = {}
+        self._lock = threading.Lock()
+        self._reserved: set[str] = set()
+
+    def create(self, spec: ModelSpec, model_id: str = "") -> Model:
+        model_id = check_id(model_id, "model_id") if model_id else f"model-{uuid.uuid4().hex[:12]}"
+        with self._lock:
+            if model_id in self._models or model_id in self._reserved:
+                raise AlreadyExists(f"model_id: a model {model_id!r} already exists; delete it "
+                                    "or choose another id")
+            if len(self._models) + len(self._reserved) >= self.limits.max_models:
+                raise ResourceExhausted(f"the server holds {len(self._models)} models; the limit "
+                                        f"(max_models) is {self.limits.max_models}")
+            self._reserved.add(model_id)
+        try:
+            model = Model(model_id, spec, self.device, self.limits, self.hooks)  # slow: unlocked
+            with self._lock:
+                self._models[model_id] = model
+        finally:
+            with self._lock:
+                self._reserved.discard(model_id)
+        self.hooks.model_added(model_id)
+        return model
+
+    def put(self, model: Model) -> None:
+        """Insert or replace a fully built model (checkpoint restore)."""
+        with self._lock:
+            old = self._models.get(model.id)
+            if old is None and len(self._models) >= self.limits.max_models:
+                raise ResourceExhausted(f"the server holds {len(self._models)} models; the limit "
+                                        f"(max_models) is {self.limits.max_models}")
+            self._models[model.id] = model
+        if old is not None:
+            old.deleted.set()
+            old.drop_graphs()
+        self.hooks.model_added(model.id)
+
+    def find(self, model_id: str) -> Model | None:
+        return self._models.get(model_id)
+
+    def get(self, model_id: str) -> Model:
+        model = self._models.get(model_id)
+        if model is None:
+            raise NotFound(f"model_id: no model {model_id!r}; ListModels shows the ids that exist")
+        return model
+
+    def list(self) -> list[Model]:
+        with self._lock:
+            return [self._models[k] for k in sorted(self._models)]
+
+    def delete(self, model_id: str) -> None:
+        with self._lock:
+            model = self._models.pop(model_id, None)
+        if model is None:
+            raise NotFound(f"model_id: no model {model_id!r}")
+        model.deleted.set()
+        with model.lock:
+            model.drop_graphs()
+        self.hooks.model_removed(model_id)
+
+    def __len__(self) -> int:
+        return len(self._models)

@@ -1,0 +1,389 @@
+"""Server-side training loops (Train) and caller-driven steps (TrainStream).
+
+The loop equals this local PyTorch code (README "Train" documents it for users):
+
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        for i, start in enumerate(range(0, n, batch_size)):   # drop_last drops a short tail
+            idx = order[start:start + batch_size]            # shuffle=False: a plain slice
+            loss = loss_fn(model(x[idx]), y[idx])
+            (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
+            if (i + 1) % accumulation_steps == 0 or it was the epoch's last batch:
+                clip_grad_norm_(params, clip)                # when clip_grad_norm > 0
+                optimizer.step(); scheduler.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..catalog.schedules import LRScheduler, build_schedule
+from .datasets import TrainData
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from .hooks import Hooks
+from .limits import Limits
+from .model import Model
+
+PROGRESS, EPOCH_END, DONE = "progress", "epoch_end", "done"
+COMPLETED, MAX_STEPS, STOP_LOSS, CANCELLED, NON_FINITE, SHUTDOWN = (
+    "completed", "max_steps", "stop_loss", "cancelled", "non_finite", "shutdown")
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 1
+    max_steps: int = 0
+    batch_size: int = 0
+    shuffle: bool = False
+    seed: int = 0
+    drop_last: bool = False
+    stop_loss: float | None = None
+    accumulation_steps: int = 1
+    clip_grad_norm: float = 0.0
+    schedule: str = "none"
+    schedule_params: dict[str, Any] = field(default_factory=dict)
+    warmup_steps: int = 0
+    warmup_start_factor: float = 0.0
+    log_every_steps: int = 0
+    skip_nonfinite: bool = False
+
+
+@dataclass
+class Summary:
+    steps: int
+    epochs: int
+    final_loss: float
+    stop_reason: str
+    skipped_batches: int
+    message: str
+    model_step: int
+
+
+@dataclass
+class Event:
+    kind: str
+    step: int
+    epoch: int
+    batch_loss: float
+    epoch_loss: float
+    samples_per_second: float
+    learning_rate: float
+    grad_norm: float
+    elapsed_seconds: float
+    val_loss: float | None = None
+    summary: Summary | None = None
+
+
+@dataclass
+class StreamResult:
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    skipped: bool
+
+
+class Trainer:
+    """Runs loops, bounds how many run at once, and stops them all on shutdown."""
+
+    def __init__(self, limits: Limits, hooks: Hooks) -> None:
+        self.limits = limits
+        self.hooks = hooks
+        self.shutdown = threading.Event()
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    # ---------------------------------------------------------------- claiming a model
+
+    def _claim(self, model: Model) -> None:
+        run_id = uuid.uuid4().hex[:12]
+        with self._lock:
+            if self._active >= self.limits.max_train_runs:
+                raise ResourceExhausted(f"{self._active} training runs are active; the limit "
+                                        f"(max_train_runs) is {self.limits.max_train_runs}")
+            with model.lock:
+                if model.training_run is not None:
+                    raise FailedPrecondition(
+                        f"model {model.id!r} is already training (run {model.training_run}); a "
+                        "second run is refused, not queued: cancel the first or wait for it")
+                model.training_run = run_id
+            self._active += 1
+        self.hooks.train_runs(+1)
+
+    def _release(self, model: Model) -> None:
+        with self._lock, model.lock:
+            model.training_run = None
+            self._active -= 1
+        self.hooks.train_runs(-1)
+
+    # ---------------------------------------------------------------- one optimizer step
+
+    @staticmethod
+    def _lr(model: Model) -> float:
+        return float(model.optimizer.param_groups[0]["lr"]) if model.optimizer else 0.0
+
+    @staticmethod
+    def _apply_step(model: Model, sched: LRScheduler | None, clip: float, want_norm: bool
+                    ) -> tuple[float, float]:
+        """Clip, optimizer.step, scheduler.step, zero_grad (caller holds the lock)."""
+        params = [p for p in model.module.parameters() if p.grad is not None]
+        norm = math.nan
+        if clip > 0 and params:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        elif want_norm:
+            norm = model.total_grad_norm()
+        lr = Trainer._lr(model)
+        if model.optimizer is not None:
+            model.optimizer.step()
+            if sched is not None:
+                sched.step()
+            model.optimizer.zero_grad()
+        model.step_count += 1
+        return norm, lr
+
+    # ---------------------------------------------------------------- Train
+
+    def train(self, model: Model, data: TrainData | None, validation: TrainData | None,
+              opts: TrainOptions, cancelled: Callable[[], bool],
+              after_step: Callable[[Model], None] | None = None) -> Iterator[Event]:
+        """Validate now; the returned stream claims the model when first advanced.
+
+        after_step(model) runs with the model's lock held after every optimizer step (autosave).
+        """
+        n = self._validate(model, data, validation, opts)
+        return self._loop(model, data, validation, opts, n, cancelled, after_step)
+
+    def _validate(self, model: Model, data: TrainData | None, validation: TrainData | None,
+                  opts: TrainOptions) -> int:
+        if opts.accumulation_steps < 1:
+            raise InvalidArgument("options.accumulation_steps: must be >= 1")
+        if opts.clip_grad_norm < 0 or not math.isfinite(opts.clip_grad_norm):
+            raise InvalidArgument("options.clip_grad_norm: must be a finite number >= 0")
+        if data is None:
+            if model.loss_fn.needs_target or model.spec.inputs or model.spec.source != "expression":
+                raise InvalidArgument("data: this model takes inputs/targets; send inline data or "
+                                      "a dataset_id (only objective expressions train without)")
+            if opts.max_steps <= 0:
+                raise InvalidArgument("options.max_steps: an objective model needs max_steps > 0")
+            return 0
+        for what, d in (("data", data), ("validation", validation)):
+            if d is None:
+                continue
+            d.check(what)
+            if model.loss_fn.needs_target and d.target is None:
+                raise InvalidArgument(f"{what}.target: loss {model.loss_fn.name!r} needs targets")
+        if opts.epochs == 0 and opts.max_steps == 0:
+            raise InvalidArgument("options: set epochs or max_steps")
+        return data.num_samples
+
+    def _batches(self, n: int, opts: TrainOptions, epoch: int) -> list[slice | torch.Tensor]:
+        bs = opts.batch_size or n
+        starts = [s for s in range(0, n, bs) if not (opts.drop_last and s + bs > n)]
+        if not opts.shuffle:
+            return [slice(s, s + bs) for s in starts]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed + epoch))
+        return [order[s:s + bs] for s in starts]
+
+    def _stop_requested(self, model: Model, cancelled: Callable[[], bool]) -> str | None:
+        if self.shutdown.is_set():
+            return SHUTDOWN
+        if cancelled() or model.deleted.is_set():
+            return CANCELLED
+        return None
+
+    def _loop(self, model: Model, data: TrainData | None,
+              validation: TrainData | None, opts: TrainOptions, n: int,
+              cancelled: Callable[[], bool], after_step: Callable[[Model], None] | None
+              ) -> Iterator[Event]:
+        # Claimed inside the generator so that a stream never started never holds the model.
+        self._claim(model)
+        try:
+            yield from self._run(model, data, validation, opts, n, cancelled, after_step)
+        finally:
+            self._release(model)
+
+    def _run(self, model: Model, data: TrainData | None, validation: TrainData | None,
+             opts: TrainOptions, n: int, cancelled: Callable[[], bool],
+             after_step: Callable[[Model], None] | None) -> Iterator[Event]:
+        objective = data is None
+        batches_per_epoch = opts.max_steps if objective else len(self._batches(n, opts, 0))
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
+        epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
+        total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
+        with model.lock:
+            sched = build_schedule(model.optimizer, opts.schedule, opts.schedule_params,
+                                   opts.warmup_steps, opts.warmup_start_factor, total)
+            model.module.zero_grad()
+            model.module.train()
+        inputs = data.inputs if data is not None else []
+        target = data.target if data is not None else None
+        start = time.perf_counter()
+        steps = samples = skipped = micro = 0
+        epoch_done = 0
+        last_loss = epoch_loss = grad_norm = lr = math.nan
+        reason: str | None = None
+        message = ""
+        tel = self.hooks
+
+        def event(kind: str, epoch: int, val: float | None = None,
+                  summary: Summary | None = None) -> Event:
+            elapsed = time.perf_counter() - start
+            return Event(kind, model.step_count, epoch, last_loss, epoch_loss,
+                         samples / elapsed if elapsed > 0 else 0.0, lr, grad_norm, elapsed,
+                         val, summary)
+
+        for epoch in range(epochs):
+            losses: list[float] = []
+            batches = [None] * opts.max_steps if objective else self._batches(n, opts, epoch)
+            for i, idx in enumerate(batches):
+                reason = self._stop_requested(model, cancelled)
+                if reason:
+                    break
+                t0 = time.perf_counter()
+                with model.lock:
+                    if objective:
+                        out = model.run_module([])
+                        loss = model.loss_fn(out, None)
+                        batch_n = 1
+                    else:
+                        xs = model.prepare_inputs([t[idx] for t in inputs])
+                        y = model.prepare_target(target[idx] if target is not None else None)
+                        out = model.run_module(xs)
+                        loss = model.loss_fn(out, y)
+                        batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        if opts.skip_nonfinite:
+                            skipped += 1
+                            continue
+                        reason = NON_FINITE
+                        message = (f"the loss was {value} at epoch {epoch}, batch {i} (model step "
+                                   f"{model.step_count}); lower the learning rate, clip gradients "
+                                   "or set skip_nonfinite")
+                        break
+                    (loss / opts.accumulation_steps if opts.accumulation_steps > 1
+                     else loss).backward()
+                    micro += 1
+                    stepped = micro == opts.accumulation_steps or i == len(batches) - 1
+                    if stepped:
+                        emit = bool(opts.log_every_steps) and (
+                            (steps + 1) % opts.log_every_steps == 0)
+                        grad_norm, lr = self._apply_step(model, sched, opts.clip_grad_norm, emit)
+                        micro = 0
+                        steps += 1
+                        if after_step is not None:
+                            after_step(model)
+                last_loss = value
+                losses.append(value)
+                epoch_loss = math.fsum(losses) / len(losses)
+                samples += batch_n
+                tel.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
+                if stepped:
+                    tel.steps(model.id, 1, batch_n)
+                    if opts.log_every_steps and steps % opts.log_every_steps == 0:
+                        tel.loss(model.id, value)
+                        yield event(PROGRESS, epoch)
+                    if opts.max_steps and steps >= opts.max_steps:
+                        reason = MAX_STEPS
+                        break
+            if reason in (CANCELLED, SHUTDOWN, NON_FINITE) or not losses:
+                break
+            epoch_done += 1
+            val = self._evaluate(model, validation, opts) if validation is not None else None
+            tel.loss(model.id, epoch_loss)
+            if not math.isnan(lr):
+                tel.learning_rate(model.id, lr)
+            if not math.isnan(grad_norm):
+                tel.grad_norm(model.id, grad_norm)
+            yield event(EPOCH_END, epoch, val)
+            if reason:
+                break
+            if opts.stop_loss is not None and epoch_loss < opts.stop_loss:
+                reason = STOP_LOSS
+                break
+        # The last step's loss is what local code would report after the loop.
+        final = epoch_loss if not math.isnan(epoch_loss) else last_loss
+        summary = Summary(steps, epoch_done, final, reason or COMPLETED, skipped, message,
+                          model.step_count)
+        if not math.isnan(final):
+            tel.loss(model.id, final)
+        yield event(DONE, max(0, epoch_done - 1) if reason != CANCELLED else epoch_done,
+                    summary=summary)
+
+    def _evaluate(self, model: Model, data: TrainData, opts: TrainOptions) -> float:
+        """Mean loss over the validation set in eval mode, weighting batches by their size."""
+        n = data.num_samples
+        bs = opts.batch_size or n
+        total = 0.0
+        with model.lock, torch.no_grad():
+            model.module.eval()
+            try:
+                for s in range(0, n, bs):
+                    xs = model.prepare_inputs([t[s:s + bs] for t in data.inputs])
+                    y = model.prepare_target(
+                        data.target[s:s + bs] if data.target is not None else None)
+                    loss = model.loss_fn(model.run_module(xs), y)
+                    size = min(bs, n - s)
+                    total += loss.item() * (size if model.loss_fn.reduction == "mean" else 1)
+            finally:
+                model.module.train()
+        return total / n if model.loss_fn.reduction == "mean" else total
+
+    # ---------------------------------------------------------------- TrainStream
+
+    def stream(self, model: Model, clip: float, schedule: str, schedule_params: dict[str, Any],
+               warmup_steps: int, warmup_start_factor: float, skip_nonfinite: bool,
+               batches: Iterable[TrainData], cancelled: Callable[[], bool]
+               ) -> Iterator[StreamResult]:
+        if clip < 0 or not math.isfinite(clip):
+            raise InvalidArgument("config.clip_grad_norm: must be a finite number >= 0")
+        return self._stream(model, clip, schedule, schedule_params, warmup_steps,
+                            warmup_start_factor, skip_nonfinite, batches, cancelled)
+
+    def _stream(self, model: Model, clip: float, schedule: str,
+                schedule_params: dict[str, Any], warmup_steps: int, warmup_start_factor: float,
+                skip_nonfinite: bool, batches: Iterable[TrainData],
+                cancelled: Callable[[], bool]) -> Iterator[StreamResult]:
+        self._claim(model)
+        try:
+            with model.lock:
+                sched = build_schedule(model.optimizer, schedule, schedule_params, warmup_steps,
+                                       warmup_start_factor, 1 << 30)
+                model.module.zero_grad()
+                model.module.train()
+            for k, batch in enumerate(batches):
+                if self._stop_requested(model, cancelled):
+                    return
+                batch.check(f"batch {k}")
+                t0 = time.perf_counter()
+                with model.lock:
+                    xs = model.prepare_inputs(batch.inputs)
+                    loss = model.loss_fn(model.run_module(xs), model.prepare_target(batch.target))
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        if not skip_nonfinite:
+                            raise FailedPrecondition(
+                                f"batch {k}: the loss was {value}; the stream ends (set "
+                                "skip_nonfinite to skip such batches)")
+                        yield StreamResult(model.step_count, value, math.nan, self._lr(model), True)
+                        continue
+                    loss.backward()
+                    norm, lr = self._apply_step(model, sched, clip, want_norm=True)
+                self.hooks.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
+                self.hooks.steps(model.id, 1, batch.num_samples)
+                self.hooks.loss(model.id, value)
+                yield StreamResult(model.step_count, value, norm, lr, False)
+        finally:
+            self._release(model)

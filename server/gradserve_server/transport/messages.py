@@ -1,0 +1,212 @@
+"""Wire messages <-> core objects. Tensors go through gradserve.codec, nowhere else."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from google.protobuf import json_format, struct_pb2
+
+from gradserve import codec
+from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
+
+from ..core.datasets import TensorLayout, TrainData
+from ..core.errors import InvalidArgument
+from ..core.model import BackwardResult
+from ..core.spec import FLOAT_DTYPES, ModelSpec
+from ..core.trainer import Event, StreamResult, TrainOptions
+
+
+def tensor_in(msg: pb.Tensor, what: str) -> torch.Tensor:
+    """Zero-copy decode: the server never writes into request tensors."""
+    return codec.to_torch(msg, what, writable=False)
+
+
+def tensors_in(msgs: Any, what: str) -> list[torch.Tensor]:
+    return [tensor_in(m, f"{what}[{i}]") for i, m in enumerate(msgs)]
+
+
+def named_in(msgs: Mapping[str, pb.Tensor], what: str) -> dict[str, torch.Tensor]:
+    return {k: tensor_in(v, f"{what}[{k}]") for k, v in msgs.items()}
+
+
+def optional_tensor(parent: Any, field: str, what: str) -> torch.Tensor | None:
+    return tensor_in(getattr(parent, field), what) if parent.HasField(field) else None
+
+
+def tensor_out(t: torch.Tensor) -> pb.Tensor:
+    return codec.encode(t)
+
+
+def named_out(values: Mapping[str, torch.Tensor]) -> dict[str, pb.Tensor]:
+    return {k: codec.encode(v) for k, v in values.items()}
+
+
+def struct_in(msg: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(msg)
+
+
+def struct_out(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def _float_dtype(wire: int) -> str:
+    if wire == pb.DTYPE_UNSPECIFIED:
+        return "float32"
+    name = codec.dtype_name(wire)
+    if name not in FLOAT_DTYPES:
+        raise InvalidArgument(f"spec.dtype: {name} is not a floating dtype; expected one of "
+                              f"{sorted(FLOAT_DTYPES)}")
+    return name
+
+
+# ------------------------------------------------------------------------------------ specs
+
+
+def spec_in(msg: pb.ModelSpec) -> ModelSpec:
+    source = msg.WhichOneof("source")
+    if source is None:
+        raise InvalidArgument("spec: set exactly one of layers, expression or plugin")
+    spec = ModelSpec(source=source)
+    if source == "layers":
+        spec.layers = [{"type": layer.type, "kwargs": struct_in(layer.kwargs)}
+                       for layer in msg.layers.layers]
+    elif source == "expression":
+        spec.expression = msg.expression.expression
+        spec.inputs = list(msg.expression.inputs)
+        spec.parameters = named_in(msg.expression.parameters, "spec.expression.parameters")
+    else:
+        spec.plugin = msg.plugin.name
+        spec.plugin_kwargs = struct_in(msg.plugin.kwargs)
+    spec.loss = msg.loss.type or "none"
+    spec.loss_reduction = msg.loss.reduction or ("none" if spec.loss == "none" else "mean")
+    spec.loss_kwargs = struct_in(msg.loss.kwargs)
+    if msg.HasField("optimizer"):
+        spec.optimizer = msg.optimizer.type or "sgd"
+        spec.optimizer_params = struct_in(msg.optimizer.params)
+    spec.seed = msg.seed if msg.HasField("seed") else None
+    spec.initial_parameters = named_in(msg.initial_parameters, "spec.initial_parameters")
+    spec.frozen = list(msg.frozen)
+    spec.dtype = _float_dtype(msg.dtype)
+    return spec
+
+
+def spec_out(spec: ModelSpec) -> pb.ModelSpec:
+    msg = pb.ModelSpec(
+        loss=pb.LossSpec(type=spec.loss, reduction=spec.loss_reduction,
+                         kwargs=struct_out(spec.loss_kwargs)),
+        optimizer=pb.OptimizerSpec(type=spec.optimizer,
+                                   params=struct_out(spec.optimizer_params)),
+        frozen=spec.frozen, dtype=codec.dtype_wire(spec.dtype),
+    )
+    if spec.seed is not None:
+        msg.seed = spec.seed
+    if spec.source == "layers":
+        msg.layers.layers.extend(pb.Layer(type=layer["type"], kwargs=struct_out(layer["kwargs"]))
+                                 for layer in spec.layers)
+    elif spec.source == "expression":
+        msg.expression.expression = spec.expression
+        msg.expression.inputs.extend(spec.inputs)
+        for name, value in spec.parameters.items():
+            msg.expression.parameters[name].CopyFrom(codec.encode(value))
+    else:
+        msg.plugin.name = spec.plugin
+        msg.plugin.kwargs.CopyFrom(struct_out(spec.plugin_kwargs))
+    return msg
+
+
+def model_info(desc: Mapping[str, Any]) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model_id=desc["model_id"], spec=spec_out(desc["spec"]),
+        parameters=[pb.ParameterInfo(name=p["name"], shape=p["shape"],
+                                     dtype=codec.dtype_wire(p["dtype"]),
+                                     trainable=p["trainable"], buffer=p["buffer"])
+                    for p in desc["parameters"]],
+        step=desc["step"], device=desc["device"], num_parameters=desc["num_parameters"],
+        inputs=desc["inputs"], retained_graphs=desc["retained_graphs"],
+        training=desc["training"],
+    )
+
+
+def backward_out(result: BackwardResult) -> pb.BackwardResponse:
+    msg = pb.BackwardResponse(step=result.step, grads=named_out(result.grads),
+                              input_grads=[tensor_out(t) for t in result.input_grads])
+    if result.loss is not None:
+        msg.loss = result.loss
+    if result.output is not None:
+        msg.output.CopyFrom(tensor_out(result.output))
+    return msg
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def inline_in(msg: pb.InlineData, what: str) -> TrainData:
+    return TrainData(tensors_in(msg.inputs, f"{what}.inputs"),
+                     optional_tensor(msg, "target", f"{what}.target"))
+
+
+def options_in(msg: pb.TrainOptions) -> TrainOptions:
+    sched = msg.schedule
+    if msg.HasField("stop_loss") and math.isnan(msg.stop_loss):
+        raise InvalidArgument("options.stop_loss: must be a number")
+    return TrainOptions(
+        epochs=msg.epochs if (msg.epochs or msg.max_steps) else 1,
+        max_steps=msg.max_steps, batch_size=msg.batch_size, shuffle=msg.shuffle, seed=msg.seed,
+        drop_last=msg.drop_last,
+        stop_loss=msg.stop_loss if msg.HasField("stop_loss") else None,
+        accumulation_steps=msg.accumulation_steps or 1, clip_grad_norm=msg.clip_grad_norm,
+        schedule=sched.type or "none", schedule_params=struct_in(sched.params),
+        warmup_steps=sched.warmup_steps, warmup_start_factor=sched.warmup_start_factor,
+        log_every_steps=msg.log_every_steps, skip_nonfinite=msg.skip_nonfinite,
+    )
+
+
+_KINDS = {"progress": pb.EVENT_KIND_PROGRESS, "epoch_end": pb.EVENT_KIND_EPOCH_END,
+          "done": pb.EVENT_KIND_DONE}
+_REASONS = {"completed": pb.STOP_REASON_COMPLETED, "max_steps": pb.STOP_REASON_MAX_STEPS,
+            "stop_loss": pb.STOP_REASON_STOP_LOSS, "cancelled": pb.STOP_REASON_CANCELLED,
+            "non_finite": pb.STOP_REASON_NON_FINITE, "shutdown": pb.STOP_REASON_SHUTDOWN}
+
+
+def event_out(event: Event) -> pb.TrainEvent:
+    msg = pb.TrainEvent(
+        kind=_KINDS[event.kind], step=event.step, epoch=event.epoch, batch_loss=event.batch_loss,
+        epoch_loss=event.epoch_loss, samples_per_second=event.samples_per_second,
+        learning_rate=event.learning_rate, grad_norm=event.grad_norm,
+        elapsed_seconds=event.elapsed_seconds,
+    )
+    if event.val_loss is not None:
+        msg.val_loss = event.val_loss
+    if event.summary is not None:
+        s = event.summary
+        msg.summary.CopyFrom(pb.TrainSummary(
+            steps=s.steps, epochs=s.epochs, final_loss=s.final_loss,
+            stop_reason=_REASONS[s.stop_reason], skipped_batches=s.skipped_batches,
+            message=s.message, model_step=s.model_step))
+    return msg
+
+
+def stream_result_out(r: StreamResult) -> pb.TrainStreamResponse:
+    return pb.TrainStreamResponse(step=r.step, loss=r.loss, grad_norm=r.grad_norm,
+                                  learning_rate=r.learning_rate, skipped=r.skipped)
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+
+def layout_in(msg: pb.TensorHeader, what: str) -> TensorLayout:
+    name = codec.dtype_name(msg.dtype) if msg.dtype else None
+    if name is None:
+        raise InvalidArgument(f"{what}.dtype: unset")
+    if any(d < 0 for d in msg.shape):
+        raise InvalidArgument(f"{what}.shape: negative dimension")
+    return TensorLayout(getattr(torch, name), tuple(msg.shape))
+
+
+def layout_out(layout: TensorLayout) -> pb.TensorHeader:
+    return pb.TensorHeader(dtype=codec.dtype_wire(str(layout.dtype)), shape=layout.shape)
