@@ -278,8 +278,10 @@ class Trainer:
                     micro += 1
                     stepped = micro == opts.accumulation_steps or i == len(batches) - 1
                     if stepped:
-                        emit = bool(opts.log_every_steps) and (
-                            (steps + 1) % opts.log_every_steps == 0)
+                        # The norm costs a pass over the gradients: only when an event shows it.
+                        emit = (bool(opts.log_every_steps)
+                                and (steps + 1) % opts.log_every_steps == 0
+                                ) or i == len(batches) - 1 or steps + 1 == opts.max_steps
                         grad_norm, lr = self._apply_step(model, sched, opts.clip_grad_norm, emit)
                         micro = 0
                         steps += 1

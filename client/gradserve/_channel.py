@@ -1,0 +1,56 @@
+"""Channel set-up shared by the sync and async clients: options, credentials, metadata, retry."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+SERVICE_CONFIG = resources.files("gradserve").joinpath("service_config.json").read_text()
+
+
+def options(max_message_mb: int) -> list[tuple[str, Any]]:
+    size = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _read(value: bytes | str | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def credentials(tls: bool, root_certificates: bytes | str | None, client_cert: bytes | str | None,
+                client_key: bytes | str | None) -> grpc.ChannelCredentials | None:
+    """None for plaintext; TLS when tls=True or any certificate is given (paths or PEM bytes)."""
+    if not (tls or root_certificates or client_cert or client_key):
+        return None
+    if bool(client_cert) != bool(client_key):
+        raise ValueError("client_cert and client_key go together (mutual TLS)")
+    return grpc.ssl_channel_credentials(_read(root_certificates), _read(client_key),
+                                        _read(client_cert))
+
+
+def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def backoff(retries: int) -> Iterator[float]:
+    """Sleep before each retry: exponential from 0.1 s, capped at 2 s, with jitter."""
+    delay = 0.1
+    for _ in range(retries):
+        yield delay * (0.5 + random.random())
+        delay = min(delay * 2, 2.0)

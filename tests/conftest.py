@@ -1,0 +1,54 @@
+"""Shared fixtures: a real server on port 0 (the CLI's own factory) and an SDK client."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="server tests need the [server] extra")
+
+from gradserve import Client  # noqa: E402
+from gradserve_server.app import GradServer, build_server  # noqa: E402
+from gradserve_server.settings import Settings  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(ok: bool, what: str) -> None:
+    """Skip locally when a platform tool is missing; in CI a missing tool is a failure."""
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI (.ci/run installs it)")
+    pytest.skip(f"{what} is not installed")
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., GradServer]]:
+    """Start servers with Settings overrides; all are stopped at teardown."""
+    started: list[GradServer] = []
+
+    def make(**overrides: object) -> GradServer:
+        base = Settings(port=0, metrics_port=-1, threads=16)
+        server, _port = build_server(replace(base, **overrides))
+        server.start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., GradServer]) -> GradServer:
+    return make_server()
+
+
+@pytest.fixture
+def client(server: GradServer) -> Iterator[Client]:
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+        yield c
