@@ -180,6 +180,7 @@ class TrainEvent:
     elapsed_seconds: float
     val_loss: float | None
     summary: TrainSummary | None
+    run_step: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def train_event(msg: pb.TrainEvent) -> TrainEvent:
     return TrainEvent(_KIND.get(msg.kind, "unknown"), msg.step, msg.epoch, msg.batch_loss,
                       msg.epoch_loss, msg.samples_per_second, msg.learning_rate, msg.grad_norm,
                       msg.elapsed_seconds, msg.val_loss if msg.HasField("val_loss") else None,
-                      summary)
+                      summary, msg.run_step)
 
 
 def stream_step(msg: pb.TrainStreamResponse) -> StreamStep:
@@ -248,6 +249,7 @@ def create_model(
         raise ValueError("give exactly one of layers=, expression= or plugin=")
     spec = pb.ModelSpec(frozen=list(frozen), dtype=codec.dtype_wire(dtype))
     if layers is not None:
+        spec.layers.SetInParent()  # an empty list is still "layers" (the server says what's wrong)
         for i, layer in enumerate(layers):
             layer = dict(layer)
             kind = layer.pop("type", None)
@@ -255,6 +257,7 @@ def create_model(
                 raise ValueError(f"layers[{i}]: needs a 'type', e.g. {{'type': 'Linear', ...}}")
             spec.layers.layers.append(pb.Layer(type=kind, kwargs=struct(layer)))
     elif expression is not None:
+        spec.expression.SetInParent()
         spec.expression.expression = expression
         spec.expression.inputs.extend(inputs)
         for name, value in (parameters or {}).items():
@@ -265,6 +268,7 @@ def create_model(
                 raise ValueError(f"trainable: {sorted(unknown)} are not in parameters")
             spec.frozen.extend(n for n in (parameters or {}) if n not in trainable)
     else:
+        spec.plugin.SetInParent()
         spec.plugin.name = plugin or ""
         spec.plugin.kwargs.CopyFrom(struct(plugin_kwargs))
     if loss is not None:

@@ -67,11 +67,8 @@ def _bar(total: int | None) -> Any:
 
 
 def _advance(bar: Any, event: TrainEvent) -> None:
-    start = getattr(bar, "_gradserve_first", None)
-    if start is None:
-        start = bar._gradserve_first = event.step - (bar.n or 0)
-    bar.update(max(0, event.step - start - bar.n))
-    bar.set_postfix(loss=f"{event.epoch_loss:.4g}", refresh=False)
+    bar.update(max(0, event.run_step - bar.n))
+    bar.set_postfix(loss=f"{event.epoch_loss:.4g}", refresh=event.kind == "done")
 
 
 class Client:
@@ -121,6 +118,8 @@ class Client:
                timeout: float | None) -> TrainRun:
         if progress is None:
             progress = sys.stdout.isatty()
+        if progress and not op.request.options.log_every_steps and total:
+            op.request.options.log_every_steps = max(1, total // 100)  # ~100 bar updates
         call = self._stub.Train(op.request, timeout=timeout, metadata=self._metadata)
         return TrainRun(call, total, progress)
 

@@ -58,7 +58,7 @@ def build_schedule(
                     f"allowed: {sorted(names)}"
                 )
             kwargs = check_kwargs(cls.__init__, {names[k]: v for k, v in params.items()},
-                                  f"options.schedule ({kind})")
+                                  f"options.schedule ({kind})", skip=("optimizer",))
             if cls is lr_scheduler.CosineAnnealingLR:
                 kwargs.setdefault("T_max", max(1, total_steps - warmup_steps))
             schedules.append(cls(optimizer, **kwargs))

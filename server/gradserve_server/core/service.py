@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -57,14 +58,24 @@ class Core:
     @staticmethod
     def _logged(model: Model, events: Iterator[Event]) -> Iterator[Event]:
         start = time.perf_counter()
-        for event in events:
-            if event.kind == DONE and event.summary is not None:
-                s = event.summary
-                log.info("train run finished", extra={"fields": {
-                    "model": model.id, "steps": s.steps, "epochs": s.epochs,
-                    "final_loss": s.final_loss, "stop_reason": s.stop_reason,
+        finished = False
+        try:
+            for event in events:
+                if event.kind == DONE and event.summary is not None:
+                    s = event.summary
+                    finished = True
+                    log.info("train run finished", extra={"fields": {
+                        "model": model.id, "steps": s.steps, "epochs": s.epochs,
+                        "final_loss": s.final_loss, "stop_reason": s.stop_reason,
+                        "seconds": round(time.perf_counter() - start, 3)}})
+                yield event
+        finally:
+            if not finished:  # the caller went away or the run failed: still one line per run
+                log.info("train run ended", extra={"fields": {
+                    "model": model.id, "model_step": model.step_count,
+                    "stop_reason": "cancelled" if sys.exc_info()[0] in (None, GeneratorExit)
+                    else "error",
                     "seconds": round(time.perf_counter() - start, 3)}})
-            yield event
 
     # ---------------------------------------------------------------- checkpoints
 

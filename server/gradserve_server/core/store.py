@@ -39,10 +39,11 @@ class ModelStore:
             model = Model(model_id, spec, self.device, self.limits, self.hooks)  # slow: unlocked
             with self._lock:
                 self._models[model_id] = model
+                # Under the lock: a concurrent delete must see the add before its remove.
+                self.hooks.model_added(model_id)
         finally:
             with self._lock:
                 self._reserved.discard(model_id)
-        self.hooks.model_added(model_id)
         return model
 
     def put(self, model: Model) -> None:
@@ -53,10 +54,10 @@ class ModelStore:
                 raise ResourceExhausted(f"the server holds {len(self._models)} models; the limit "
                                         f"(max_models) is {self.limits.max_models}")
             self._models[model.id] = model
+            self.hooks.model_added(model.id)
         if old is not None:
             old.deleted.set()
             old.drop_graphs()
-        self.hooks.model_added(model.id)
 
     def find(self, model_id: str) -> Model | None:
         return self._models.get(model_id)
@@ -74,12 +75,14 @@ class ModelStore:
     def delete(self, model_id: str) -> None:
         with self._lock:
             model = self._models.pop(model_id, None)
+            if model is not None:
+                # Under the lock: a re-create of the same id must come after this remove.
+                self.hooks.model_removed(model_id)
         if model is None:
             raise NotFound(f"model_id: no model {model_id!r}")
         model.deleted.set()
         with model.lock:
             model.drop_graphs()
-        self.hooks.model_removed(model_id)
 
     def __len__(self) -> int:
         return len(self._models)

@@ -80,6 +80,7 @@ class Event:
     elapsed_seconds: float
     val_loss: float | None = None
     summary: Summary | None = None
+    run_step: int = 0
 
 
 @dataclass
@@ -242,7 +243,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             return Event(kind, model.step_count, epoch, last_loss, epoch_loss,
                          samples / elapsed if elapsed > 0 else 0.0, lr, grad_norm, elapsed,
-                         val, summary)
+                         val, summary, steps)
 
         for epoch in range(epochs):
             losses: list[float] = []
@@ -292,10 +293,14 @@ class Trainer:
                 epoch_loss = math.fsum(losses) / len(losses)
                 samples += batch_n
                 tel.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
+                # Every batch's samples count, also those that only accumulate gradients.
+                tel.steps(model.id, 1 if stepped else 0, batch_n)
                 if stepped:
-                    tel.steps(model.id, 1, batch_n)
+                    tel.loss(model.id, value)
+                    tel.learning_rate(model.id, lr)
+                    if not math.isnan(grad_norm):
+                        tel.grad_norm(model.id, grad_norm)
                     if opts.log_every_steps and steps % opts.log_every_steps == 0:
-                        tel.loss(model.id, value)
                         yield event(PROGRESS, epoch)
                     if opts.max_steps and steps >= opts.max_steps:
                         reason = MAX_STEPS
@@ -386,6 +391,9 @@ class Trainer:
                 self.hooks.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
                 self.hooks.steps(model.id, 1, batch.num_samples)
                 self.hooks.loss(model.id, value)
+                self.hooks.learning_rate(model.id, lr)
+                if not math.isnan(norm):
+                    self.hooks.grad_norm(model.id, norm)
                 yield StreamResult(model.step_count, value, norm, lr, False)
         finally:
             self._release(model)

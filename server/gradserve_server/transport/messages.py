@@ -178,7 +178,7 @@ def event_out(event: Event) -> pb.TrainEvent:
         kind=_KINDS[event.kind], step=event.step, epoch=event.epoch, batch_loss=event.batch_loss,
         epoch_loss=event.epoch_loss, samples_per_second=event.samples_per_second,
         learning_rate=event.learning_rate, grad_norm=event.grad_norm,
-        elapsed_seconds=event.elapsed_seconds,
+        elapsed_seconds=event.elapsed_seconds, run_step=event.run_step,
     )
     if event.val_loss is not None:
         msg.val_loss = event.val_loss

@@ -12,8 +12,9 @@ import grpc
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-from ..core.errors import InvalidArgument, ResourceExhausted
+from ..core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from ..core.service import Core
+from ..core.trainer import NON_FINITE
 from . import messages as m
 
 log = logging.getLogger("gradserve.train")
@@ -123,6 +124,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                                  request.checkpoint_every_steps)
         for event in events:
             yield m.event_out(event)
+            if event.summary is not None and event.summary.stop_reason == NON_FINITE:
+                # The DONE event carries the summary; the status tells every client it failed.
+                raise FailedPrecondition(f"training stopped: {event.summary.message}")
 
     def TrainStream(self, request_iterator: Iterator[pb.TrainStreamRequest], context: Any
                     ) -> Iterator[pb.TrainStreamResponse]:

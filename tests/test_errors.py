@@ -1,0 +1,176 @@
+"""Every status code the server uses, provoked through the SDK; the server survives each."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from torch import nn
+
+from gradserve import (
+    AlreadyExistsError,
+    Client,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from gradserve_server.catalog import plugins
+
+LINEAR = [{"type": "Linear", "in_features": 2, "out_features": 1}]
+
+
+def _alive(client: Client) -> None:
+    assert client.health() == "SERVING"
+    m = client.create_model(layers=LINEAR, seed=0)
+    assert m.forward(torch.ones(1, 2)).shape == (1, 1)
+    m.delete()
+
+
+def test_not_found(client: Client) -> None:
+    with pytest.raises(NotFoundError, match="no model 'nope'"):
+        client.model("nope")
+    m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+    with pytest.raises(NotFoundError, match="forward_id"):
+        m.backward(forward_id="0" * 32, target=torch.zeros(1, 1))
+    with pytest.raises(NotFoundError):
+        client.delete_dataset("missing")
+    assert isinstance(NotFoundError("x"), Exception) and NotFoundError.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_already_exists(client: Client) -> None:
+    client.create_model(layers=LINEAR, model_id="dup")
+    with pytest.raises(AlreadyExistsError, match="dup"):
+        client.create_model(layers=LINEAR, model_id="dup")
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ({"layers": [{"type": "Conv9d"}]}, "unknown layer type"),
+        ({"layers": [{"type": "Linear", "in_features": 2}]}, "missing required argument"),
+        ({"layers": [{"type": "Linear", "in_features": 2, "out_features": 1, "bogus": 1}]},
+         "unknown or forbidden argument 'bogus'"),
+        ({"layers": [{"type": "ReLU", "inplace": True}]}, "forbidden"),
+        ({"layers": []}, "at least one layer"),
+        ({"expression": "__import__('os').system('true')"}, "not allowed"),
+        ({"expression": "x.real", "parameters": {"x": 1.0}}, "attribute access"),
+        ({"expression": "[v for v in x]", "parameters": {"x": 1.0}}, "comprehensions"),
+        ({"expression": "(lambda: 1)()"}, "not allowed"),
+        ({"expression": "x +", "parameters": {"x": 1.0}}, "syntax error"),
+        ({"expression": "x + z", "parameters": {"x": 1.0}}, "unknown name 'z'"),
+        ({"expression": "9**9**9 * x", "parameters": {"x": 1.0}}, None),
+        ({"expression": "-(" * 100 + "x" + ")" * 100, "parameters": {"x": 1.0}}, "nested"),
+        ({"expression": "x" + "+x" * 3000, "parameters": {"x": 1.0}}, "longer than"),
+        ({"layers": LINEAR, "loss": "hinge"}, "unknown loss"),
+        ({"layers": LINEAR, "loss": {"type": "mse", "reduction": "avg"}}, "reduction"),
+        ({"layers": LINEAR, "optimizer": {"type": "lbfgs"}}, "unknown optimizer"),
+        ({"layers": LINEAR, "optimizer": {"type": "sgd", "lr": -1.0}}, "Invalid learning rate"),
+        ({"layers": LINEAR, "optimizer": {"type": "adam", "betas": [0.9, 2.0]}}, "beta"),
+        ({"layers": LINEAR, "optimizer": {"type": "sgd", "momentum": "fast"}}, "expected a number"),
+        ({"layers": LINEAR, "frozen": ["0.nope"]}, "unknown parameter"),
+        ({"layers": LINEAR, "initial_parameters": {"0.weight": [1.0, 2.0, 3.0]}}, "shape"),
+        ({"layers": LINEAR, "dtype": "int32"}, "not a floating dtype"),
+        ({"plugin": "not-installed"}, "no plugin"),
+    ],
+)
+def test_invalid_specs(client: Client, spec: dict[str, Any], needle: str | None) -> None:
+    try:
+        client.create_model(**spec)
+    except InvalidArgumentError as exc:
+        assert needle is None or needle in exc.details, exc.details
+    else:
+        assert needle is None, "expected INVALID_ARGUMENT"  # 9**9**9 folds to inf: allowed
+    _alive(client)
+
+
+def test_invalid_inputs(client: Client) -> None:
+    m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+    with pytest.raises(InvalidArgumentError, match="forward pass failed"):
+        m.forward(torch.ones(3, 5))
+    with pytest.raises(InvalidArgumentError, match="does not match the output shape"):
+        m.backward(torch.ones(3, 2), torch.ones(3))
+    with pytest.raises(InvalidArgumentError, match="takes 1 input"):
+        m.forward(torch.ones(3, 2), torch.ones(3, 2))
+    with pytest.raises(InvalidArgumentError, match="needs a target"):
+        m.backward(torch.ones(3, 2))
+    with pytest.raises(InvalidArgumentError, match="model_id"):
+        client.create_model(layers=LINEAR, model_id="../etc/passwd")
+    # a byte length that does not match the shape, sent with the raw stub
+    from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
+
+    bad = pb.ForwardRequest(model_id=m.id, inputs=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2, 2],
+                                                             data=b"\0" * 12)])
+    with pytest.raises(grpc.RpcError) as err:
+        client._stub.Forward(bad)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "12 bytes" in err.value.details() and "needs 16" in err.value.details()
+    params_before = m.parameters()
+    with pytest.raises(InvalidArgumentError):
+        m.set_parameters({"0.weight": torch.ones(1, 2), "0.bias": torch.ones(7)})
+    after = m.parameters()  # all-or-nothing: the valid half was not applied
+    assert all(torch.equal(params_before[k], after[k]) for k in after)
+    _alive(client)
+
+
+def test_resource_exhausted(make_server: Any) -> None:
+    server = make_server(max_models=2, max_parameters=100)
+    with Client(f"127.0.0.1:{server.port}") as client:
+        with pytest.raises(ResourceExhaustedError, match="max_parameters"):
+            client.create_model(layers=[{"type": "Linear", "in_features": 100,
+                                         "out_features": 100}])
+        client.create_model(layers=LINEAR)
+        client.create_model(layers=LINEAR)
+        with pytest.raises(ResourceExhaustedError, match=r"limit \(max_models\) is 2"):
+            client.create_model(layers=LINEAR)
+
+
+def test_failed_precondition_evicted_graph(make_server: Any) -> None:
+    server = make_server(max_graphs=2)
+    with Client(f"127.0.0.1:{server.port}") as client:
+        m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+        first = m.forward(torch.ones(1, 2), retain_graph=True).forward_id
+        for _ in range(2):
+            m.forward(torch.ones(1, 2), retain_graph=True)
+        assert m.refresh().retained_graphs == 2
+        with pytest.raises(FailedPreconditionError, match="evicted"):
+            m.backward(forward_id=first, target=torch.zeros(1, 1))
+
+
+def test_failed_precondition_nothing_to_differentiate(client: Client) -> None:
+    m = client.create_model(layers=[{"type": "ReLU"}], loss="mse")
+    with pytest.raises(FailedPreconditionError, match="nothing to differentiate"):
+        m.backward(torch.ones(2, 2), torch.zeros(2, 2))
+
+
+class _BuggyEntryPoint:
+    name = "buggy"
+
+    @staticmethod
+    def load() -> Any:
+        class Buggy(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.w = nn.Parameter(torch.ones(1))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return {}["missing"]  # an operator's bug: KeyError
+
+        return Buggy
+
+
+def test_internal_error_is_generic_and_logged(client: Client, monkeypatch: Any,
+                                              caplog: Any) -> None:
+    monkeypatch.setattr(plugins, "available", lambda: {"buggy": _BuggyEntryPoint()})
+    m = client.create_model(plugin="buggy")
+    with caplog.at_level(logging.ERROR, logger="gradserve.rpc"):
+        with pytest.raises(InternalError) as err:
+            m.forward(torch.ones(1))
+    assert "incident" in err.value.details
+    assert "KeyError" not in err.value.details and "Traceback" not in err.value.details
+    assert any("KeyError" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+    _alive(client)
