@@ -52,3 +52,59 @@ def server(make_server: Callable[..., GradServer]) -> GradServer:
 def client(server: GradServer) -> Iterator[Client]:
     with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
         yield c
+
+
+class ServerProcess:
+    """`python -m gradserve_server` in a child process (for signals and restarts)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        import re
+        import subprocess
+        import sys
+
+        full_env = {**os.environ, "GRADSERVE_PORT": "0", "GRADSERVE_METRICS_PORT": "-1",
+                    "GRADSERVE_LOG_FORMAT": "json", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "gradserve_server", *args],
+                                     env=full_env, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        self.lines: list[str] = []
+        for _ in range(200):
+            line = self.proc.stderr.readline()
+            if not line:
+                raise RuntimeError("server exited early:\n" + "".join(self.lines))
+            self.lines.append(line)
+            found = re.search(r'"grpc": "[^"]*:(\d+)"', line)
+            if found:
+                self.port = int(found.group(1))
+                break
+        else:
+            raise RuntimeError("server did not report its port")
+        self.address = f"127.0.0.1:{self.port}"
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        assert self.proc.stderr is not None
+        self.lines.extend(self.proc.stderr.readlines())
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def spawn_server() -> Iterator[Callable[..., ServerProcess]]:
+    procs: list[ServerProcess] = []
+
+    def spawn(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        proc = ServerProcess(*args, env=env)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        proc.kill()
