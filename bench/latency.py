@@ -23,11 +23,12 @@ import numpy as np
 ECHO_METHOD = "/bench.Echo/Echo"
 
 
-def _serve(conn: Any) -> None:
+def _serve(conn: Any, torch_threads: int) -> None:
     from gradserve_server.app import build_server
     from gradserve_server.settings import Settings
 
-    server, port = build_server(Settings(port=0, metrics_port=-1, threads=4))
+    server, port = build_server(Settings(port=0, metrics_port=-1, threads=4,
+                                         torch_threads=torch_threads))
     server.start()
     echo = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     handler = grpc.unary_unary_rpc_method_handler(lambda req, ctx: req)
@@ -56,11 +57,12 @@ def timed(fn: Callable[[], Any], calls: int) -> list[float]:
     return out
 
 
-def run(calls: int) -> dict[str, Any]:
+def run(calls: int, torch_threads: int = 0) -> dict[str, Any]:
     from gradserve import Client, _ops
 
     parent, child = mp.Pipe()
-    proc = mp.get_context("spawn").Process(target=_serve, args=(child,), daemon=True)
+    proc = mp.get_context("spawn").Process(target=_serve, args=(child, torch_threads),
+                                          daemon=True)
     proc.start()
     port, echo_port = parent.recv()
     try:
@@ -105,9 +107,10 @@ def run(calls: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per measure")
+    parser.add_argument("--torch-threads", type=int, default=0, help="server torch threads")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    result = run(args.calls)
+    result = run(args.calls, args.torch_threads)
     print(f"{'measure':<28}{'p50 ms':>10}{'p99 ms':>10}")
     for key in ("echo_forward", "forward", "echo_backward", "backward", "backward_step"):
         print(f"{key:<28}{result[key]['p50_ms']:>10.3f}{result[key]['p99_ms']:>10.3f}")

@@ -120,16 +120,19 @@ class Model:
     # ------------------------------------------------------------------ construction helpers
 
     def _check_size(self, spec: ModelSpec, dtype: torch.dtype) -> None:
-        """Count parameters on the meta device before allocating anything real."""
+        """Count parameters and buffers on the meta device before allocating anything real."""
         if spec.source == "expression":
             count = sum(v.numel() for v in spec.parameters.values())
         else:
             with torch.device("meta"):
-                count = sum(p.numel() for p in _build_module(spec, dtype).parameters())
+                module = _build_module(spec, dtype)
+            # Buffers count too: BatchNorm1d(10**9, affine=False) has no parameters but would
+            # allocate gigabytes of running statistics.
+            count = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
         if count > self.limits.max_parameters:
             raise ResourceExhausted(
-                f"spec: the model has {count} parameters; the limit (max_parameters) is "
-                f"{self.limits.max_parameters}"
+                f"spec: the model has {count} parameter and buffer elements; the limit "
+                f"(max_parameters) is {self.limits.max_parameters}"
             )
 
     def _named_state(self) -> dict[str, torch.Tensor]:
@@ -260,7 +263,7 @@ class Model:
             if retain_graph and self.training_run is not None:
                 raise FailedPrecondition(f"model {self.id!r} is training; retained forwards "
                                          "are refused until the run ends")
-            self.module.train(not eval_mode)
+            self.set_mode(eval_mode)
             try:
                 if not retain_graph:
                     with torch.no_grad():
@@ -271,9 +274,14 @@ class Model:
                 out = self.run_module(xs)
                 forward_id = self._retain(out, xs)
             finally:
-                self.module.train()
+                self.set_mode(False)
             self._timed("forward", start)
             return _snapshot(out), forward_id
+
+    def set_mode(self, eval_mode: bool) -> None:
+        """module.train()/eval(), skipped when already there (it walks every submodule)."""
+        if self.module.training == eval_mode:
+            self.module.train(not eval_mode)
 
     def _retain(self, output: torch.Tensor, inputs: list[torch.Tensor]) -> str:
         if not output.requires_grad:
@@ -363,7 +371,7 @@ class Model:
             if grad_output is not None:
                 raise InvalidArgument("grad_output: only valid with forward_id")
             xs = self.prepare_inputs(inputs, requires_grad=return_input_grads)
-            self.module.train()
+            self.set_mode(False)
             out = self.run_module(xs)
             self._timed("forward", start)
             start = time.perf_counter()
