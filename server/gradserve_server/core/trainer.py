@@ -19,7 +19,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -247,7 +247,8 @@ class Trainer:
 
         for epoch in range(epochs):
             losses: list[float] = []
-            batches = [None] * opts.max_steps if objective else self._batches(n, opts, epoch)
+            batches: Sequence[Any] = (range(opts.max_steps) if objective
+                                      else self._batches(n, opts, epoch))
             for i, idx in enumerate(batches):
                 reason = self._stop_requested(model, cancelled)
                 if reason:
