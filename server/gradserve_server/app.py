@@ -86,7 +86,11 @@ class GradServer:
             interceptors=interceptors,
             options=[("grpc.max_send_message_length", size),
                      ("grpc.max_receive_message_length", size),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0),
+                     # accept the SDK's 30 s keepalive pings; the default (5 min) would make the
+                     # server drop quiet long calls (a Train between events) as "too many pings"
+                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                     ("grpc.http2.max_ping_strikes", 0)],
         )
         pb_grpc.add_GradientServiceServicer_to_server(GradientServicer(self.core), self.grpc)
         self.health = health.HealthServicer()

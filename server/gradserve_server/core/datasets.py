@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .ids import check_id
 
@@ -94,7 +94,8 @@ class DatasetStore:
             raise InvalidArgument("header: tensors disagree on the number of samples (dimension 0)")
         with self._lock:
             if dataset_id in self._datasets:
-                raise InvalidArgument(f"header.dataset_id: {dataset_id!r} exists; delete it first")
+                raise AlreadyExists(f"header.dataset_id: a dataset {dataset_id!r} already exists; "
+                                    "delete it or choose another id")
             if self.bytes_held + self._reserved + total > self.max_bytes:
                 raise ResourceExhausted(
                     f"header: the dataset needs {total} bytes; {self.bytes_held + self._reserved} "

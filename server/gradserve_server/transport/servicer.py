@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import closing
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,11 +123,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         options = m.options_in(request.options)
         events = self.core.train(model, data, validation, options, _cancelled(context),
                                  request.checkpoint_every_steps)
-        for event in events:
-            yield m.event_out(event)
-            if event.summary is not None and event.summary.stop_reason == NON_FINITE:
-                # The DONE event carries the summary; the status tells every client it failed.
-                raise FailedPrecondition(f"training stopped: {event.summary.message}")
+        # closing(): release the model as soon as this call ends, however it ends.
+        with closing(events):
+            for event in events:
+                yield m.event_out(event)
+                if event.summary is not None and event.summary.stop_reason == NON_FINITE:
+                    # The DONE event carries the summary; the status tells every client it failed.
+                    raise FailedPrecondition(f"training stopped: {event.summary.message}")
 
     def TrainStream(self, request_iterator: Iterator[pb.TrainStreamRequest], context: Any
                     ) -> Iterator[pb.TrainStreamResponse]:
@@ -147,8 +150,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             model, cfg.clip_grad_norm, cfg.schedule.type or "none",
             m.struct_in(cfg.schedule.params), cfg.schedule.warmup_steps,
             cfg.schedule.warmup_start_factor, cfg.skip_nonfinite, batches(), _cancelled(context))
-        for result in results:
-            yield m.stream_result_out(result)
+        with closing(results):
+            for result in results:
+                yield m.stream_result_out(result)
 
     # ------------------------------------------------------------------ datasets
 
