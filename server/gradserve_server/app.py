@@ -72,7 +72,7 @@ class GradServer:
         self.device = resolve_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
-        self.metrics = Metrics(settings.buckets, settings.max_models)
+        self.metrics = Metrics(settings.buckets, settings.max_models, device=self.device)
         self.core = Core(self.device, settings.limits, self.metrics, settings.state_dir,
                          settings.autosave_steps, settings.autosave_seconds)
         interceptors: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]

@@ -27,15 +27,17 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .core.hooks import Hooks
+from .core.trainer import CANCELLED, COMPLETED, MAX_STEPS, NON_FINITE, SHUTDOWN, STOP_LOSS
 
 PHASES = ("forward", "backward", "optimizer_step", "train_step")
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                10.0, 30.0, 60.0, 300.0)
-MEMORY_KINDS = ("allocated", "reserved", "peak")
+# How a Train run can end: the trainer's reasons, and "error" when the run failed or was refused.
+STOP_REASONS = (COMPLETED, MAX_STEPS, STOP_LOSS, CANCELLED, NON_FINITE, SHUTDOWN, "error")
 
 
 class _DeviceMemory(Collector):
-    """CUDA memory at scrape time: allocated, reserved and peak bytes per device.
+    """CUDA memory at scrape time: allocated, reserved, peak and total bytes per device.
 
     Nothing is reported until this process has initialised CUDA, so a scrape never creates a
     CUDA context on its own (a CPU server exports the family with no samples).
@@ -52,7 +54,7 @@ class _DeviceMemory(Collector):
         return GaugeMetricFamily(
             "gradserve_device_memory_bytes",
             "CUDA memory by device and kind: allocated (live tensors), reserved (held by the "
-            "caching allocator) and peak (highest allocated since start).",
+            "caching allocator), peak (highest allocated since start), total (the device's).",
             labels=["device", "kind"])
 
     def _indices(self) -> list[int]:
@@ -75,6 +77,8 @@ class _DeviceMemory(Collector):
             family.add_metric([dev, "allocated"], float(torch.cuda.memory_allocated(i)))
             family.add_metric([dev, "reserved"], float(torch.cuda.memory_reserved(i)))
             family.add_metric([dev, "peak"], float(torch.cuda.max_memory_allocated(i)))
+            family.add_metric([dev, "total"],
+                              float(torch.cuda.get_device_properties(i).total_memory))
         yield family
 
 
@@ -140,6 +144,11 @@ class Metrics(Hooks):
             registry=r)
         self.train_active = Gauge("gradserve_train_runs_active",
                                   "Train and TrainStream runs in progress.", registry=r)
+        self.train_ended_total = Counter(
+            "gradserve_train_runs", "Train runs ended, by stop reason.", ["stop_reason"],
+            registry=r)
+        for reason in STOP_REASONS:  # every reason from the start: alerts see 0, not nothing
+            self.train_ended_total.labels(reason)
         self.dataset_bytes_gauge = Gauge("gradserve_dataset_bytes",
                                          "Bytes held by uploaded datasets, all together.",
                                          registry=r)
@@ -220,6 +229,9 @@ class Metrics(Hooks):
 
     def train_runs(self, delta: int) -> None:
         self.train_active.inc(delta)
+
+    def train_ended(self, stop_reason: str) -> None:
+        self.train_ended_total.labels(stop_reason).inc()
 
     def dataset_bytes(self, total: int) -> None:
         self.dataset_bytes_gauge.set(total)

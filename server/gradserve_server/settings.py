@@ -103,9 +103,12 @@ class Settings:
         if self.tls_client_ca and not self.tls_cert:
             parser.error("--tls-client-ca needs --tls-cert and --tls-key")
         try:
-            self.buckets  # noqa: B018 - parse once to fail early
+            buckets = self.buckets
         except ValueError:
-            parser.error(f"--step-buckets: not a list of numbers: {self.step_buckets!r}")
+            buckets = ()
+        if len(buckets) < 2 or buckets[0] <= 0 or len(set(buckets)) != len(buckets):
+            parser.error(f"--step-buckets: expected at least two distinct positive numbers of "
+                         f"seconds, comma-separated; got {self.step_buckets!r}")
 
 
 def env_name(name: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -55,26 +54,33 @@ class Core:
                                     after_step if autosave else None)
         return self._logged(model, events)
 
-    @staticmethod
-    def _logged(model: Model, events: Iterator[Event]) -> Iterator[Event]:
+    def _logged(self, model: Model, events: Iterator[Event]) -> Iterator[Event]:
+        """Pass events through; one log line and one train_ended hook per run, however it ends."""
         start = time.perf_counter()
-        finished = False
+        # Unless a summary or an error replaces it: the caller closed the stream.
+        ended: dict[str, str] = {"stop_reason": "cancelled"}
         try:
             for event in events:
                 if event.kind == DONE and event.summary is not None:
                     s = event.summary
-                    finished = True
+                    ended = {}
+                    self.hooks.train_ended(s.stop_reason)
                     log.info("train run finished", extra={"fields": {
                         "model": model.id, "steps": s.steps, "epochs": s.epochs,
                         "final_loss": s.final_loss, "stop_reason": s.stop_reason,
                         "seconds": round(time.perf_counter() - start, 3)}})
                 yield event
+        except Exception as exc:
+            ended = {"stop_reason": "error", "error": type(exc).__name__}
+            raise
         finally:
-            if not finished:  # the caller went away or the run failed: still one line per run
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()  # release the model now, not whenever the generator is collected
+            if ended:  # one line per run, also when it ends without a summary
+                self.hooks.train_ended(ended["stop_reason"])
                 log.info("train run ended", extra={"fields": {
-                    "model": model.id, "model_step": model.step_count,
-                    "stop_reason": "cancelled" if sys.exc_info()[0] in (None, GeneratorExit)
-                    else "error",
+                    "model": model.id, "model_step": model.step_count, **ended,
                     "seconds": round(time.perf_counter() - start, 3)}})
 
     # ---------------------------------------------------------------- checkpoints

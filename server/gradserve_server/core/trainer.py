@@ -194,7 +194,9 @@ class Trainer:
         starts = [s for s in range(0, n, bs) if not (opts.drop_last and s + bs > n)]
         if not opts.shuffle:
             return [slice(s, s + bs) for s in starts]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed + epoch))
+        # Wrapped into torch's seed range: seed 2**64 - 1 at epoch 1 is seed 0, not an overflow.
+        seed = (opts.seed + epoch) % 2**64
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         return [order[s:s + bs] for s in starts]
 
     def _stop_requested(self, model: Model, cancelled: Callable[[], bool]) -> str | None:

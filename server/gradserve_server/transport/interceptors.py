@@ -31,6 +31,16 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
 }
 
 Behavior = Callable[..., Any]
+# Messages quote what the caller sent (ids, names, shapes); the status travels in a header that
+# clients refuse beyond 8-16 KiB, so a long quote would hide the error behind another one.
+MAX_DETAILS_BYTES = 2000
+
+
+def _clip(text: str) -> str:
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= MAX_DETAILS_BYTES:
+        return text
+    return raw[:MAX_DETAILS_BYTES].decode("utf-8", "ignore") + "... (truncated)"
 
 
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
@@ -38,7 +48,7 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         code = STATUS.get(cls)
         if code is not None:
             text = str(exc) if not isinstance(exc, MemoryError) else "the server ran out of memory"
-            return code, text
+            return code, _clip(text)
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "the device ran out of memory"
     return None
@@ -115,10 +125,15 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
     def _done(self, method: str, context: grpc.ServicerContext, start: float) -> None:
         seconds = time.perf_counter() - start
-        code = context.code() or grpc.StatusCode.OK
+        code = context.code()
+        if code is None:
+            # No status set: success, unless the caller cancelled or its deadline passed.
+            code = grpc.StatusCode.OK if context.is_active() else (
+                grpc.StatusCode.DEADLINE_EXCEEDED if (context.time_remaining() or 0) <= 0
+                else grpc.StatusCode.CANCELLED)
         name = method.rsplit("/", 1)[-1]
         if self.metrics is not None:
-            self.metrics.rpc_seconds.labels(name, code.name).observe(seconds)
+            self.metrics.rpc(name, code.name, seconds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rpc", extra={"fields": {"method": name, "code": code.name,
                                                "ms": round(seconds * 1000, 3),
