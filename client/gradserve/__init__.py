@@ -6,7 +6,9 @@
                                 loss="mse", optimizer={"type": "sgd", "lr": 0.03}, seed=0)
         events = list(m.train(X, y, epochs=3, batch_size=10, shuffle=True))
 
-Results are torch tensors when torch is importable, numpy arrays otherwise.
+Results are torch tensors when torch is importable, numpy arrays otherwise. AsyncClient
+(gradserve.aio) offers the same calls for asyncio; RemoteModule (gradserve.nn) puts a remote
+model inside local autograd; the `gradserve` command (gradserve.cli) drives a server from a shell.
 """
 
 from ._ops import (
@@ -20,6 +22,7 @@ from ._ops import (
     TrainEvent,
     TrainSummary,
 )
+from .aio import AsyncClient, AsyncTrainRun
 from .client import Client, TrainRun
 from .errors import (
     AlreadyExistsError,
@@ -36,15 +39,16 @@ from .errors import (
     UnavailableError,
 )
 from .history import History
+from .tuning import tune_malloc
 from .model import RemoteModel
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyExistsError", "BackwardResult", "CancelledError", "CheckpointInfo", "Client",
+    "AlreadyExistsError", "AsyncClient", "AsyncTrainRun", "BackwardResult", "CancelledError", "CheckpointInfo", "Client",
     "DatasetInfo", "DeadlineExceededError", "FailedPreconditionError", "ForwardResult",
     "GradServeError", "History", "InternalError", "InvalidArgumentError", "ModelInfo",
     "NotFoundError", "ParameterInfo", "PermissionDeniedError", "RemoteModel",
     "ResourceExhaustedError", "StreamStep", "TrainEvent", "TrainRun", "TrainSummary",
-    "UnauthenticatedError", "UnavailableError",
+    "UnauthenticatedError", "UnavailableError", "tune_malloc",
 ]

@@ -10,6 +10,10 @@ from typing import Any
 
 import grpc
 
+from . import _wire
+from ._proto.gradserve.v1 import gradserve_pb2 as pb
+from ._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
+
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 SERVICE_CONFIG = resources.files("gradserve").joinpath("service_config.json").read_text()
 
@@ -48,9 +52,39 @@ def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def deadline(op: Any, timeout: float | None, default: float) -> float | None:
+    """An explicit timeout wins; otherwise the client default, unless the op has no deadline."""
+    return timeout or (default if op.deadline else None)
+
+
+def retry_delay(exc: grpc.RpcError, delays: Iterator[float]) -> float | None:
+    """Seconds to wait before retrying after exc, or None to give up and raise."""
+    return next(delays, None) if exc.code() in RETRY_CODES else None
+
+
 def backoff(retries: int) -> Iterator[float]:
     """Sleep before each retry: exponential from 0.1 s, capped at 2 s, with jitter."""
     delay = 0.1
     for _ in range(retries):
         yield delay * (0.5 + random.random())
         delay = min(delay * 2, 2.0)
+
+
+# RPCs whose tensors may be large: framed by _wire on both sides (same bytes on the wire).
+FRAMED = {"Forward": pb.ForwardResponse, "Backward": pb.BackwardResponse}
+
+
+def _serialize(request: Any) -> bytes:
+    return request.SerializeToString()  # a Framed request joins its payloads here
+
+
+def stub(channel: Any) -> pb_grpc.GradientServiceStub:
+    """The generated stub (sync or asyncio channel), with Forward and Backward (de)serialized
+    by _wire: their large tensors skip protobuf's copies."""
+    s = pb_grpc.GradientServiceStub(channel)
+    for rpc, reply in FRAMED.items():
+        setattr(s, rpc, channel.unary_unary(
+            f"/gradserve.v1.GradientService/{rpc}", request_serializer=_serialize,
+            response_deserializer=lambda data, cls=reply: _wire.split(data, cls),
+            _registered_method=True))
+    return s

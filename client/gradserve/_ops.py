@@ -7,18 +7,30 @@ the call is safe to retry. Clients only differ in how they send an Op.
 from __future__ import annotations
 
 import math
+import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 from google.protobuf import struct_pb2
 
-from . import codec
+from . import _wire, codec
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
+from .errors import GradServeError
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 # Calls that change nothing, or carry a request id the server deduplicates: safe to retry.
 RETRYABLE = frozenset({
@@ -32,11 +44,52 @@ class Op(Generic[T]):
     rpc: str
     request: Any
     decode: Callable[[Any], T]
+    # Which stub sends it: "gradient" (GradientService) or "health" (grpc.health.v1.Health).
+    service: str = "gradient"
+    # False: no default deadline, only an explicit timeout (uploads scale with the data size).
+    deadline: bool = True
 
     @property
     def retryable(self) -> bool:
         return self.rpc in RETRYABLE and not (
             self.rpc == "Forward" and self.request.retain_graph)
+
+    def then(self, fn: Callable[[T], U]) -> Op[U]:
+        """The same call, its decoded reply passed through fn (e.g. info -> RemoteModel)."""
+        decode = self.decode
+        return Op(self.rpc, self.request, lambda reply: fn(decode(reply)), self.service,
+                  self.deadline)
+
+
+# A call sequence written once for both clients (polling loops): a generator that yields
+# (Op, timeout) to have the op run and its result sent back (errors are thrown in), or a float to
+# pause that many seconds; its return value is the result. Client._drive and AsyncClient._drive
+# interpret it with blocking and awaiting I/O respectively.
+Program = Generator[tuple[Op[Any], float | None] | float, Any, T]
+
+
+def poll(op: Op[T], ready: Callable[[T], bool], timeout: float, what: str, *,
+         tolerate_errors: bool = False, interval: float = 0.1, call_timeout: float = 2.0
+         ) -> Program[T]:
+    """Run op until ready(result) or timeout seconds pass (TimeoutError naming `what`)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = yield op, max(0.1, min(call_timeout, deadline - time.monotonic()))
+            if ready(result):
+                return result
+        except GradServeError:
+            if not tolerate_errors:
+                raise
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout} s")
+        yield interval
+
+
+def returning(value: U, program: Program[Any]) -> Program[U]:
+    """Run program, then return value instead of its result."""
+    yield from program
+    return value
 
 
 def request_id() -> str:
@@ -51,6 +104,18 @@ def tensor(value: Any, what: str = "tensor") -> pb.Tensor:
         return codec.encode(value)
     except (codec.CodecError, TypeError, ValueError) as exc:
         raise TypeError(f"{what}: cannot send {type(value).__name__} as a tensor: {exc}") from None
+
+
+def tensor_part(value: Any, what: str, payloads: dict[Any, Any], path: tuple[Any, ...]
+                ) -> pb.Tensor:
+    """tensor(), but a large payload goes into payloads[path] (a zero-copy view, see _wire)."""
+    try:
+        msg, payload = codec.encode_parts(value, minimum=_wire.MIN_PAYLOAD)
+    except (codec.CodecError, TypeError, ValueError) as exc:
+        raise TypeError(f"{what}: cannot send {type(value).__name__} as a tensor: {exc}") from None
+    if payload is not None:
+        payloads[path] = payload
+    return msg
 
 
 def tensors(values: Any, what: str) -> list[pb.Tensor]:
@@ -289,9 +354,11 @@ def create_model(
 
 def forward(model_id: str, inputs: Sequence[Any], retain_graph: bool, eval_mode: bool
             ) -> Op[Any]:
-    req = pb.ForwardRequest(model_id=model_id, inputs=[tensor(x, f"inputs[{i}]")
-                                                       for i, x in enumerate(inputs)],
-                            retain_graph=retain_graph, eval_mode=eval_mode)
+    payloads: dict[Any, Any] = {}
+    req = _wire.framed(pb.ForwardRequest(
+        model_id=model_id, retain_graph=retain_graph, eval_mode=eval_mode,
+        inputs=[tensor_part(x, f"inputs[{i}]", payloads, ("inputs", i))
+                for i, x in enumerate(inputs)]), payloads)
     if retain_graph:
         return Op("Forward", req, lambda r: ForwardResult(codec.decode(r.output, "output"),
                                                           r.forward_id))
@@ -302,14 +369,20 @@ def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: An
              forward_id: str = "", grad_output: Any = None, return_grads: bool = False,
              return_input_grads: bool = False, step: bool = False, return_output: bool = False
              ) -> Op[BackwardResult]:
-    req = pb.BackwardRequest(
-        model_id=model_id, inputs=tensors(inputs, "inputs"), forward_id=forward_id,
+    payloads: dict[Any, Any] = {}
+    xs = () if inputs is None else inputs if isinstance(inputs, tuple) else (inputs,)
+    msg = pb.BackwardRequest(
+        model_id=model_id, forward_id=forward_id,
+        inputs=[tensor_part(x, f"inputs[{i}]" if isinstance(inputs, tuple) else "inputs",
+                            payloads, ("inputs", i)) for i, x in enumerate(xs)],
         return_grads=return_grads, return_input_grads=return_input_grads, step=step,
         return_output=return_output, request_id=request_id())
     if target is not None:
-        req.target.CopyFrom(tensor(target, "target"))
+        msg.target.CopyFrom(tensor_part(target, "target", payloads, ("target",)))
     if grad_output is not None:
-        req.grad_output.CopyFrom(tensor(grad_output, "grad_output"))
+        msg.grad_output.CopyFrom(tensor_part(grad_output, "grad_output", payloads,
+                                             ("grad_output",)))
+    req = _wire.framed(msg, payloads)
 
     def decode(r: pb.BackwardResponse) -> BackwardResult:
         return BackwardResult(
@@ -420,17 +493,41 @@ def steps_per_run(n: int | None, epochs: int, max_steps: int, batch_size: int, d
     return min(total, max_steps) if max_steps else total
 
 
-def train_stream_requests(model_id: str, batches: Iterable[tuple[Any, Any]], clip_grad_norm: float,
-                          schedule_: str | Mapping[str, Any] | None, skip_nonfinite: bool
-                          ) -> Iterator[pb.TrainStreamRequest]:
-    yield pb.TrainStreamRequest(config=pb.TrainStreamConfig(
+def train_stream_requests(
+    model_id: str, batches: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]],
+    clip_grad_norm: float, schedule_: str | Mapping[str, Any] | None, skip_nonfinite: bool
+) -> Iterator[pb.TrainStreamRequest] | AsyncIterator[pb.TrainStreamRequest]:
+    """Config, then one request per batch; async batches (AsyncClient) give async requests."""
+    config = pb.TrainStreamRequest(config=pb.TrainStreamConfig(
         model_id=model_id, clip_grad_norm=clip_grad_norm, schedule=schedule(schedule_),
         skip_nonfinite=skip_nonfinite))
+    if isinstance(batches, AsyncIterable):
+        return _async_stream_requests(config, batches)
+    return _stream_requests(config, batches)
+
+
+def _stream_batch(i: int, x: Any, y: Any) -> pb.TrainStreamRequest:
+    batch = pb.InlineData(inputs=tensors(x, f"batch[{i}].inputs"))
+    if y is not None:
+        batch.target.CopyFrom(tensor(y, f"batch[{i}].target"))
+    return pb.TrainStreamRequest(batch=batch)
+
+
+def _stream_requests(config: pb.TrainStreamRequest, batches: Iterable[tuple[Any, Any]]
+                     ) -> Iterator[pb.TrainStreamRequest]:
+    yield config
     for i, (x, y) in enumerate(batches):
-        batch = pb.InlineData(inputs=tensors(x, f"batch[{i}].inputs"))
-        if y is not None:
-            batch.target.CopyFrom(tensor(y, f"batch[{i}].target"))
-        yield pb.TrainStreamRequest(batch=batch)
+        yield _stream_batch(i, x, y)
+
+
+async def _async_stream_requests(config: pb.TrainStreamRequest,
+                                 batches: AsyncIterable[tuple[Any, Any]]
+                                 ) -> AsyncIterator[pb.TrainStreamRequest]:
+    yield config
+    i = 0
+    async for x, y in batches:
+        yield _stream_batch(i, x, y)
+        i += 1
 
 
 def upload_requests(inputs: Any, target: Any, dataset_id: str, chunk_bytes: int

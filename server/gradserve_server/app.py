@@ -12,13 +12,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
-from gradserve._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 from .core.service import Core
 from .metrics import Metrics
 from .settings import Settings
+from .transport.fastpath import add_servicer
 from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
 from .transport.servicer import GradientServicer
+from .transport.shm import SharedMemoryRegistry
 
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
@@ -92,7 +93,9 @@ class GradServer:
                      ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                      ("grpc.http2.max_ping_strikes", 0)],
         )
-        pb_grpc.add_GradientServiceServicer_to_server(GradientServicer(self.core), self.grpc)
+        self.shm = (SharedMemoryRegistry(settings.max_shm_mb * 1024 * 1024, settings.shm_ttl_s)
+                    if settings.max_shm_mb > 0 else None)
+        add_servicer(GradientServicer(self.core, self.shm), self.grpc, self.shm)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
@@ -133,6 +136,8 @@ class GradServer:
         self.health.enter_graceful_shutdown()
         self.core.trainer.shutdown.set()
         self.grpc.stop(grace).wait(grace + 1)
+        if self.shm is not None:
+            self.shm.close()
         saved = self.core.checkpoint_all()
         if saved:
             log.info("checkpointed %d model(s) to %s", saved, self.settings.state_dir)
@@ -143,6 +148,8 @@ class GradServer:
         """Immediate stop (tests)."""
         self.core.trainer.shutdown.set()
         self.grpc.stop(0).wait(5)
+        if self.shm is not None:
+            self.shm.close()
         self.close_metrics()
 
     def close_metrics(self) -> None:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
 from . import logs
-from .app import build_server
 from .settings import Settings
 
 log = logging.getLogger("gradserve")
@@ -18,16 +17,25 @@ log = logging.getLogger("gradserve")
 
 def tune_malloc() -> None:
     """Keep big tensor buffers out of fresh mmaps: page faults dominate 16-64 MiB messages here."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 512 * 1024 * 1024)
-    libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+    from gradserve import tuning
+
+    tuning.tune_malloc()
+
+
+def quiet_openmp() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY is set already).
+
+    The server shares its cores with gRPC threads and, on one host, with its clients: spinning
+    torch threads took those cores away (a local MLP step went from 1.1 ms to 84 ms beside a
+    busy server; docs/performance.md). It only works before torch is imported, hence here.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_openmp()
+    from .app import build_server  # imports torch: after quiet_openmp
+
     settings = Settings.load(argv)
     logs.configure(settings.log_level, settings.log_format)
     tune_malloc()

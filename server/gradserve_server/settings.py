@@ -45,6 +45,9 @@ class Settings:
     max_train_runs: int = _opt(8, "concurrent Train/TrainStream runs")
     max_dataset_mb: int = _opt(8192, "MiB of uploaded datasets, all together")
     request_id_window: int = _opt(1024, "remembered request ids per model (exactly-once retries)")
+    max_shm_mb: int = _opt(4096, "MiB of same-host shared memory clients may register at once "
+                           "(0 disables the shared-memory fast path)")
+    shm_ttl_s: float = _opt(300.0, "seconds an unused shared-memory region stays registered")
     step_buckets: str = _opt(",".join(str(b) for b in DEFAULT_BUCKETS),
                              "step latency histogram buckets in seconds, comma-separated")
     # durability

@@ -32,6 +32,21 @@ LAYERS: dict[str, type[nn.Module]] = {
     )
 }
 
+# Window geometry of convolution and pooling layers. Far larger values describe no real network
+# and make torch misbehave: max_pool1d scans the whole window even outside the input, and a
+# kernel_size near 2**31 never returns at all.
+WINDOW_ARGS = frozenset({"kernel_size", "stride", "padding", "dilation", "output_padding"})
+MAX_WINDOW = 1 << 16
+
+
+def _check_window(kwargs: Mapping[str, Any], what: str) -> None:
+    for key in WINDOW_ARGS & kwargs.keys():
+        value = kwargs[key]
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) > MAX_WINDOW:
+                raise InvalidArgument(f"{what}: {key}={value!r} is out of range; window "
+                                      f"arguments are at most {MAX_WINDOW}")
+
 
 def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
     """nn.Sequential from [{"type": "Linear", "kwargs": {...}}, ...]; InvalidArgument if not allowed."""
@@ -45,8 +60,12 @@ def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
         if cls is None:
             raise InvalidArgument(f"{what}: unknown layer type; allowed: {sorted(LAYERS)}")
         kwargs = check_kwargs(cls.__init__, layer.get("kwargs", {}), what)
+        _check_window(kwargs, what)
         try:
             modules.append(cls(**kwargs))
-        except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+        # Whatever a torch constructor raises on the arguments it was given: GroupNorm's
+        # num_groups=0 divides by zero, Embedding's padding_idx=1.5 fails as an index.
+        except (TypeError, ValueError, RuntimeError, AssertionError, ArithmeticError, LookupError,
+                AttributeError) as exc:
             raise InvalidArgument(f"{what}: {exc}") from None
     return nn.Sequential(*modules)

@@ -13,6 +13,7 @@ from ..core.errors import InvalidArgument
 from .kwargs import check_kwargs
 
 REDUCTIONS = ("mean", "sum")
+_INTEGER_ARGS = frozenset({"ignore_index"})  # every other allowed argument is any number
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ def build_loss(name: str, reduction: str, kwargs: Mapping[str, Any]) -> Loss:
             f"spec.loss.reduction: {reduction!r} not allowed; expected one of {REDUCTIONS}"
         )
     checked = check_kwargs(entry.cls.__init__, kwargs, f"spec.loss ({name})", allowed=entry.allowed)
+    for key, value in checked.items():  # torch checks their types only when computing a loss
+        kind = int if key in _INTEGER_ARGS else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise InvalidArgument(f"spec.loss ({name}).{key}: expected "
+                                  f"{'an integer' if kind is int else 'a number'}, got {value!r}")
     try:
         module = entry.cls(reduction=reduction, **checked)
     except (TypeError, ValueError) as exc:

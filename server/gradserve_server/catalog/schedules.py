@@ -23,6 +23,19 @@ SCHEDULES: dict[str, tuple[type[LRScheduler], dict[str, str]]] = {
                 "total_iters": "total_iters"}),
 }
 
+# torch divides by these when it steps the schedule (a zero fails mid-run, not at construction).
+_AT_LEAST_ONE = frozenset({"step_size", "T_max"})
+
+
+def _check_numbers(kind: str, kwargs: Mapping[str, Any]) -> None:
+    """Every schedule argument is a number; torch checks most of them only when stepping."""
+    for key, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgument(f"options.schedule ({kind}).{key}: expected a number, "
+                                  f"got {value!r}")
+        if key in _AT_LEAST_ONE and not value >= 1:
+            raise InvalidArgument(f"options.schedule ({kind}).{key}: must be >= 1, got {value!r}")
+
 
 def build_schedule(
     optimizer: optim.Optimizer | None,
@@ -47,6 +60,9 @@ def build_schedule(
     try:
         if warmup_steps:
             factor = warmup_start_factor or 0.1
+            if not 0 < factor <= 1:  # LinearLR lets NaN through, which makes every lr NaN
+                raise InvalidArgument("options.schedule.warmup_start_factor: expected a number "
+                                      f"in (0, 1], got {factor!r}")
             schedules.append(lr_scheduler.LinearLR(
                 optimizer, start_factor=factor, end_factor=1.0, total_iters=warmup_steps))
         if kind != "none":
@@ -57,10 +73,12 @@ def build_schedule(
                     f"options.schedule.params: unknown {sorted(unknown)} for {kind!r}; "
                     f"allowed: {sorted(names)}"
                 )
-            kwargs = check_kwargs(cls.__init__, {names[k]: v for k, v in params.items()},
-                                  f"options.schedule ({kind})", skip=("optimizer",))
-            if cls is lr_scheduler.CosineAnnealingLR:
-                kwargs.setdefault("T_max", max(1, total_steps - warmup_steps))
+            given = {names[k]: v for k, v in params.items()}
+            if cls is lr_scheduler.CosineAnnealingLR:  # before the check: torch requires T_max
+                given.setdefault("T_max", max(1, total_steps - warmup_steps))
+            kwargs = check_kwargs(cls.__init__, given, f"options.schedule ({kind})",
+                                  skip=("optimizer",))
+            _check_numbers(kind, kwargs)
             schedules.append(cls(optimizer, **kwargs))
     except (TypeError, ValueError, ZeroDivisionError) as exc:
         raise InvalidArgument(f"options.schedule: {exc}") from None

@@ -99,7 +99,8 @@ class DatasetStore:
             if self.bytes_held + self._reserved + total > self.max_bytes:
                 raise ResourceExhausted(
                     f"header: the dataset needs {total} bytes; {self.bytes_held + self._reserved} "
-                    f"are held and the limit (max_dataset_bytes) is {self.max_bytes}")
+                    f"are held and the limit (max_dataset_mb) is "
+                    f"{self.max_bytes / (1024 * 1024):g} MiB ({self.max_bytes} bytes)")
             self._reserved += total
         try:
             buf = torch.empty(total, dtype=torch.uint8)

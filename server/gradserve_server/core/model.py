@@ -47,9 +47,28 @@ class _Graph:
 
 
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A CPU copy that later in-place updates cannot tear."""
+    """A CPU copy that later in-place updates cannot tear.
+
+    From CUDA the copy goes into pinned memory without blocking; the caller synchronises once
+    (_synchronize) before the results are read, after all copies have been queued.
+    """
     t = t.detach()
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host
     return t.cpu() if t.device.type != "cpu" else t.clone()
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued device work (copies to pinned memory) before results leave the call."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _mib(nbytes: int) -> str:
+    """A byte limit as its setting (--max-*-mb) states it, e.g. '1 MiB (1048576 bytes)'."""
+    return f"{nbytes / (1024 * 1024):g} MiB ({nbytes} bytes)"
 
 
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
@@ -221,12 +240,15 @@ class Model:
                                   f"got {len(inputs)}")
         out = []
         for t in inputs:
+            # .to() is skipped when nothing changes: each torch call drops and retakes the GIL.
+            # Copies to a GPU do not block; the call synchronises before its results return.
             if t.is_floating_point():
-                t = t.to(device=self.device, dtype=self.dtype)
+                if t.dtype != self.dtype or t.device != self.device:
+                    t = t.to(device=self.device, dtype=self.dtype, non_blocking=True)
                 if requires_grad:
                     t = t.detach().requires_grad_(True)
-            else:
-                t = t.to(device=self.device)
+            elif t.device != self.device:
+                t = t.to(device=self.device, non_blocking=True)
             out.append(t)
         return out
 
@@ -234,8 +256,12 @@ class Model:
         if target is None:
             return None
         if target.is_floating_point():
-            return target.to(device=self.device, dtype=self.dtype)
-        return target.to(device=self.device)
+            if target.dtype != self.dtype or target.device != self.device:
+                target = target.to(device=self.device, dtype=self.dtype, non_blocking=True)
+            return target
+        if target.device != self.device:
+            target = target.to(device=self.device, non_blocking=True)
+        return target
 
     def run_module(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """module(*inputs), turning torch's shape/dtype complaints into INVALID_ARGUMENT."""
@@ -268,15 +294,22 @@ class Model:
                 if not retain_graph:
                     with torch.no_grad():
                         out = self.run_module(self.prepare_inputs(inputs))
+                    if out.device.type != "cpu":
+                        out = _snapshot(out)
+                        _synchronize(self.device)
+                    elif out.requires_grad:  # a plugin may enable grad itself
+                        out = out.detach()
                     self._timed("forward", start)
-                    return _snapshot(out) if out.device.type != "cpu" else out.detach(), ""
+                    return out, ""
                 xs = self.prepare_inputs(inputs, requires_grad=True)
                 out = self.run_module(xs)
                 forward_id = self._retain(out, xs)
             finally:
                 self.set_mode(False)
             self._timed("forward", start)
-            return _snapshot(out), forward_id
+            out = _snapshot(out)
+            _synchronize(self.device)
+            return out, forward_id
 
     def set_mode(self, eval_mode: bool) -> None:
         """module.train()/eval(), skipped when already there (it walks every submodule)."""
@@ -289,14 +322,15 @@ class Model:
                                      "parameter or floating input; nothing to differentiate")
         forward_id = uuid.uuid4().hex
         nbytes = _nbytes([output, *inputs])
+        # Refuse before evicting: a graph that can never fit must not cost the others theirs.
+        if nbytes > self.limits.max_graph_bytes:
+            raise ResourceExhausted(f"retain_graph: this graph holds {nbytes} bytes; the limit "
+                                    f"(max_graph_mb) is {_mib(self.limits.max_graph_bytes)}")
         while self._graphs and (len(self._graphs) >= self.limits.max_graphs
                                 or self._graph_bytes + nbytes > self.limits.max_graph_bytes):
             self._evict(next(iter(self._graphs)), "the per-model budget "
                         f"(max_graphs={self.limits.max_graphs}, "
-                        f"max_graph_bytes={self.limits.max_graph_bytes}) was reached")
-        if nbytes > self.limits.max_graph_bytes:
-            raise ResourceExhausted(f"retain_graph: this graph holds {nbytes} bytes; the limit "
-                                    f"(max_graph_bytes) is {self.limits.max_graph_bytes}")
+                        f"max_graph_mb={_mib(self.limits.max_graph_bytes)}) was reached")
         self._graphs[forward_id] = _Graph(output, inputs, nbytes, time.monotonic())
         self._graph_bytes += nbytes
         self.hooks.graphs(self.id, len(self._graphs), 0)
@@ -409,6 +443,7 @@ class Model:
             result.output = _snapshot(out)
         if step:
             result.step = self._step(zero_grad=True)
+        _synchronize(self.device)
         return result
 
     def step(self, keep_grad: bool = False, request_id: str = "") -> int:
@@ -449,6 +484,7 @@ class Model:
             bufs = {n: _snapshot(buffers[n]) for n in chosen if n in buffers}
             grads = {n: _snapshot(params[n].grad) for n in values
                      if include_grads and params[n].grad is not None}
+            _synchronize(self.device)
             return values, grads, bufs
 
     def set_parameters(self, values: Mapping[str, torch.Tensor], request_id: str = "") -> None:

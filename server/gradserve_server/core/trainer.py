@@ -33,6 +33,7 @@ from .limits import Limits
 from .model import Model
 
 PROGRESS, EPOCH_END, DONE = "progress", "epoch_end", "done"
+FLUSH_S = 0.5  # longest delay of a training run's step/loss metrics
 COMPLETED, MAX_STEPS, STOP_LOSS, CANCELLED, NON_FINITE, SHUTDOWN = (
     "completed", "max_steps", "stop_loss", "cancelled", "non_finite", "shutdown")
 
@@ -139,9 +140,10 @@ class Trainer:
     def _apply_step(model: Model, sched: LRScheduler | None, clip: float, want_norm: bool
                     ) -> tuple[float, float]:
         """Clip, optimizer.step, scheduler.step, zero_grad (caller holds the lock)."""
-        params = [p for p in model.module.parameters() if p.grad is not None]
         norm = math.nan
-        if clip > 0 and params:
+        params = ([p for p in model.module.parameters() if p.grad is not None] if clip > 0
+                  else [])
+        if params:
             norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         elif want_norm:
             norm = model.total_grad_norm()
@@ -239,6 +241,22 @@ class Trainer:
         reason: str | None = None
         message = ""
         tel = self.hooks
+        # Telemetry is written in batches (at events, epoch ends, the end, and at least every
+        # FLUSH_S): per-step hook calls cost as much as the step of a small model.
+        pending_steps = pending_samples = 0
+        flushed = start
+
+        def flush() -> None:
+            nonlocal pending_steps, pending_samples, flushed
+            if pending_steps or pending_samples:
+                tel.steps(model.id, pending_steps, pending_samples)
+            if pending_steps:
+                tel.loss(model.id, last_loss)
+                tel.learning_rate(model.id, lr)
+                if not math.isnan(grad_norm):
+                    tel.grad_norm(model.id, grad_norm)
+            pending_steps = pending_samples = 0
+            flushed = time.perf_counter()
 
         def event(kind: str, epoch: int, val: float | None = None,
                   summary: Summary | None = None) -> Event:
@@ -293,21 +311,26 @@ class Trainer:
                             after_step(model)
                 last_loss = value
                 losses.append(value)
-                epoch_loss = math.fsum(losses) / len(losses)
                 samples += batch_n
-                tel.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                tel.phase_seconds(model.id, "train_step", t1 - t0)
                 # Every batch's samples count, also those that only accumulate gradients.
-                tel.steps(model.id, 1 if stepped else 0, batch_n)
+                pending_samples += batch_n
                 if stepped:
-                    tel.loss(model.id, value)
-                    tel.learning_rate(model.id, lr)
-                    if not math.isnan(grad_norm):
-                        tel.grad_norm(model.id, grad_norm)
+                    pending_steps += 1
+                if t1 - flushed > FLUSH_S:
+                    flush()
+                if stepped:
                     if opts.log_every_steps and steps % opts.log_every_steps == 0:
+                        epoch_loss = math.fsum(losses) / len(losses)
+                        flush()
                         yield event(PROGRESS, epoch)
                     if opts.max_steps and steps >= opts.max_steps:
                         reason = MAX_STEPS
                         break
+            if losses:
+                epoch_loss = math.fsum(losses) / len(losses)
+            flush()
             if reason in (CANCELLED, SHUTDOWN, NON_FINITE) or not losses:
                 break
             epoch_done += 1

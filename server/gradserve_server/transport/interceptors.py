@@ -54,6 +54,20 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+def _cached(cache: dict[str, tuple[Any, Any]], handler: grpc.RpcMethodHandler | None,
+            around: Callable[[Behavior, bool, str], Behavior], method: str
+            ) -> grpc.RpcMethodHandler | None:
+    """_wrap, once per method: interceptors run on every call and the handler a method gets is
+    the same object each time (a different one, e.g. an auth denial, is wrapped afresh)."""
+    hit = cache.get(method)
+    if hit is not None and hit[0] is handler:
+        return hit[1]  # type: ignore[no-any-return]
+    wrapped = _wrap(handler, around, method)
+    if handler is not None:
+        cache[method] = (handler, wrapped)
+    return wrapped
+
+
 def _wrap(handler: grpc.RpcMethodHandler | None,
           around: Callable[[Behavior, bool, str], Behavior], method: str
           ) -> grpc.RpcMethodHandler | None:
@@ -79,8 +93,11 @@ def _wrap(handler: grpc.RpcMethodHandler | None,
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Project errors become their status; anything else INTERNAL with a generic message."""
 
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        return _wrap(continuation(details), self._around, details.method)
+        return _cached(self._wrapped, continuation(details), self._around, details.method)
 
     @staticmethod
     def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
@@ -119,9 +136,10 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        return _wrap(continuation(details), self._around, details.method)
+        return _cached(self._wrapped, continuation(details), self._around, details.method)
 
     def _done(self, method: str, context: grpc.ServicerContext, start: float) -> None:
         seconds = time.perf_counter() - start
@@ -162,7 +180,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 # Scopes each method needs; health and reflection are not listed and stay open.
 SCOPES: dict[str, str] = {
     **dict.fromkeys(("Forward", "GetModel", "ListModels", "GetParameters", "ListDatasets",
-                     "ListCheckpoints"), "read"),
+                     "ListCheckpoints", "RegisterSharedMemory", "UnregisterSharedMemory"), "read"),
     **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
                      "UploadDataset", "DeleteDataset"), "train"),
     **dict.fromkeys(("CreateModel", "DeleteModel", "SaveCheckpoint", "LoadCheckpoint"), "admin"),

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from google.protobuf import json_format, struct_pb2
 
-from gradserve import codec
+from gradserve import _wire, codec
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from ..core.datasets import TensorLayout, TrainData
@@ -19,13 +19,18 @@ from ..core.spec import FLOAT_DTYPES, ModelSpec
 from ..core.trainer import Event, StreamResult, TrainOptions
 
 
-def tensor_in(msg: pb.Tensor, what: str) -> torch.Tensor:
-    """Zero-copy decode: the server never writes into request tensors."""
-    return codec.to_torch(msg, what, writable=False)
+def tensor_in(msg: pb.Tensor, what: str, owned: bool = False) -> torch.Tensor:
+    """Zero-copy decode: the server never writes into request tensors.
+
+    owned: the tensor outlives the call (a retained graph), so one in shared memory, which the
+    client reuses after the reply, is copied.
+    """
+    t = codec.to_torch(msg, what, writable=False)
+    return t.clone() if owned and getattr(msg, "shared", False) else t
 
 
-def tensors_in(msgs: Any, what: str) -> list[torch.Tensor]:
-    return [tensor_in(m, f"{what}[{i}]") for i, m in enumerate(msgs)]
+def tensors_in(msgs: Any, what: str, owned: bool = False) -> list[torch.Tensor]:
+    return [tensor_in(m, f"{what}[{i}]", owned) for i, m in enumerate(msgs)]
 
 
 def named_in(msgs: Mapping[str, pb.Tensor], what: str) -> dict[str, torch.Tensor]:
@@ -44,8 +49,11 @@ def named_out(values: Mapping[str, torch.Tensor]) -> dict[str, pb.Tensor]:
     return {k: codec.encode(v) for k, v in values.items()}
 
 
-def struct_in(msg: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(msg)
+def struct_in(msg: struct_pb2.Struct, what: str = "kwargs") -> dict[str, Any]:
+    try:
+        return json_format.MessageToDict(msg)
+    except ValueError as exc:  # NaN or infinity: a Struct holds them, JSON has no such numbers
+        raise InvalidArgument(f"{what}: not a JSON value: {exc}") from None
 
 
 def struct_out(value: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -73,21 +81,22 @@ def spec_in(msg: pb.ModelSpec) -> ModelSpec:
         raise InvalidArgument("spec: set exactly one of layers, expression or plugin")
     spec = ModelSpec(source=source)
     if source == "layers":
-        spec.layers = [{"type": layer.type, "kwargs": struct_in(layer.kwargs)}
-                       for layer in msg.layers.layers]
+        spec.layers = [{"type": layer.type,
+                        "kwargs": struct_in(layer.kwargs, f"spec.layers[{i}].kwargs")}
+                       for i, layer in enumerate(msg.layers.layers)]
     elif source == "expression":
         spec.expression = msg.expression.expression
         spec.inputs = list(msg.expression.inputs)
         spec.parameters = named_in(msg.expression.parameters, "spec.expression.parameters")
     else:
         spec.plugin = msg.plugin.name
-        spec.plugin_kwargs = struct_in(msg.plugin.kwargs)
+        spec.plugin_kwargs = struct_in(msg.plugin.kwargs, "spec.plugin.kwargs")
     spec.loss = msg.loss.type or "none"
     spec.loss_reduction = msg.loss.reduction or ("none" if spec.loss == "none" else "mean")
-    spec.loss_kwargs = struct_in(msg.loss.kwargs)
+    spec.loss_kwargs = struct_in(msg.loss.kwargs, "spec.loss.kwargs")
     if msg.HasField("optimizer"):
         spec.optimizer = msg.optimizer.type or "sgd"
-        spec.optimizer_params = struct_in(msg.optimizer.params)
+        spec.optimizer_params = struct_in(msg.optimizer.params, "spec.optimizer.params")
     spec.seed = msg.seed if msg.HasField("seed") else None
     spec.initial_parameters = named_in(msg.initial_parameters, "spec.initial_parameters")
     spec.frozen = list(msg.frozen)
@@ -132,14 +141,40 @@ def model_info(desc: Mapping[str, Any]) -> pb.ModelInfo:
     )
 
 
-def backward_out(result: BackwardResult) -> pb.BackwardResponse:
-    msg = pb.BackwardResponse(step=result.step, grads=named_out(result.grads),
-                              input_grads=[tensor_out(t) for t in result.input_grads])
+def backward_out(result: BackwardResult, request: Any = None, shm: Any = None) -> Any:
+    """The reply; large tensors are framed (_wire) or placed in the request's shm_reply."""
+    payloads: dict[Any, Any] = {}
+    msg = pb.BackwardResponse(
+        step=result.step,
+        grads={k: _part(v, payloads, ("grads", k)) for k, v in result.grads.items()},
+        input_grads=[_part(t, payloads, ("input_grads", i))
+                     for i, t in enumerate(result.input_grads)])
     if result.loss is not None:
         msg.loss = result.loss
     if result.output is not None:
-        msg.output.CopyFrom(tensor_out(result.output))
+        msg.output.CopyFrom(_part(result.output, payloads, ("output",)))
+    return _reply(msg, payloads, request, shm)
+
+
+def forward_out(out: torch.Tensor, forward_id: str, request: Any = None, shm: Any = None) -> Any:
+    payloads: dict[Any, Any] = {}
+    msg = pb.ForwardResponse(output=_part(out, payloads, ("output",)), forward_id=forward_id)
+    return _reply(msg, payloads, request, shm)
+
+
+def _part(t: torch.Tensor, payloads: dict[Any, Any], path: tuple[Any, ...]) -> pb.Tensor:
+    msg, payload = codec.encode_parts(t, minimum=_wire.MIN_PAYLOAD)
+    if payload is not None:
+        payloads[path] = payload
     return msg
+
+
+def _reply(msg: Any, payloads: dict[Any, Any], request: Any, shm: Any) -> Any:
+    if payloads and shm is not None and isinstance(request, _wire.Framed):
+        reply = request.message.shm_reply
+        if request.message.HasField("shm_reply") and reply.length:
+            shm.place_reply(msg, payloads, reply)
+    return _wire.framed(msg, payloads)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -160,7 +195,8 @@ def options_in(msg: pb.TrainOptions) -> TrainOptions:
         drop_last=msg.drop_last,
         stop_loss=msg.stop_loss if msg.HasField("stop_loss") else None,
         accumulation_steps=msg.accumulation_steps or 1, clip_grad_norm=msg.clip_grad_norm,
-        schedule=sched.type or "none", schedule_params=struct_in(sched.params),
+        schedule=sched.type or "none",
+        schedule_params=struct_in(sched.params, "options.schedule.params"),
         warmup_steps=sched.warmup_steps, warmup_start_factor=sched.warmup_start_factor,
         log_every_steps=msg.log_every_steps, skip_nonfinite=msg.skip_nonfinite,
     )

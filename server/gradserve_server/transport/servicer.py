@@ -17,6 +17,7 @@ from ..core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from ..core.service import Core
 from ..core.trainer import NON_FINITE
 from . import messages as m
+from .shm import SharedMemoryRegistry
 
 log = logging.getLogger("gradserve.train")
 
@@ -29,8 +30,9 @@ def _cancelled(context: grpc.ServicerContext) -> Any:
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
-    def __init__(self, core: Core) -> None:
+    def __init__(self, core: Core, shm: SharedMemoryRegistry | None = None) -> None:
         self.core = core
+        self.shm = shm  # same-host shared-memory regions (None: the fast path is off)
 
     def _check_size(self, request: Any) -> None:
         limit = self.core.limits.max_request_bytes
@@ -64,9 +66,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: Any) -> pb.ForwardResponse:
         self._check_size(request)
         model = self.core.models.get(request.model_id)
-        out, forward_id = model.forward(m.tensors_in(request.inputs, "inputs"),
-                                        request.retain_graph, request.eval_mode)
-        return pb.ForwardResponse(output=m.tensor_out(out), forward_id=forward_id)
+        out, forward_id = model.forward(
+            m.tensors_in(request.inputs, "inputs", owned=request.retain_graph),
+            request.retain_graph, request.eval_mode)
+        return m.forward_out(out, forward_id, request, self.shm)
 
     def Backward(self, request: pb.BackwardRequest, context: Any) -> pb.BackwardResponse:
         self._check_size(request)
@@ -80,7 +83,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             step=request.step, return_output=request.return_output,
             request_id=request.request_id,
         )
-        return m.backward_out(result)
+        return m.backward_out(result, request, self.shm)
 
     def Step(self, request: pb.StepRequest, context: Any) -> pb.StepResponse:
         model = self.core.models.get(request.model_id)
@@ -104,6 +107,23 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         model = self.core.models.get(request.model_id)
         model.set_parameters(m.named_in(request.parameters, "parameters"), request.request_id)
         return pb.SetParametersResponse()
+
+    # ------------------------------------------------------------------ shared memory
+
+    def RegisterSharedMemory(self, request: pb.RegisterSharedMemoryRequest, context: Any
+                             ) -> pb.RegisterSharedMemoryResponse:
+        if self.shm is None:
+            raise FailedPrecondition("shared memory: the same-host fast path is disabled on this "
+                                     "server; use the wire")
+        region = self.shm.register(request.name, request.size, request.nonce)
+        return pb.RegisterSharedMemoryResponse(region_id=region.id,
+                                               idle_ttl_seconds=self.shm.idle_ttl_s)
+
+    def UnregisterSharedMemory(self, request: pb.UnregisterSharedMemoryRequest, context: Any
+                               ) -> pb.UnregisterSharedMemoryResponse:
+        if self.shm is not None:
+            self.shm.unregister(request.region_id)
+        return pb.UnregisterSharedMemoryResponse()
 
     # ------------------------------------------------------------------ training
 
@@ -148,7 +168,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
         results = self.core.trainer.stream(
             model, cfg.clip_grad_norm, cfg.schedule.type or "none",
-            m.struct_in(cfg.schedule.params), cfg.schedule.warmup_steps,
+            m.struct_in(cfg.schedule.params, "config.schedule.params"), cfg.schedule.warmup_steps,
             cfg.schedule.warmup_start_factor, cfg.skip_nonfinite, batches(), _cancelled(context))
         with closing(results):
             for result in results:

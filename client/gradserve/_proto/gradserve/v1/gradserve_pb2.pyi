@@ -62,14 +62,26 @@ EVENT_KIND_EPOCH_END: EventKind
 EVENT_KIND_DONE: EventKind
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shm")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shm: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shm: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region_id", "offset", "length")
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    region_id: str
+    offset: int
+    length: int
+    def __init__(self, region_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("layers", "expression", "plugin", "loss", "optimizer", "seed", "initial_parameters", "frozen", "dtype")
@@ -228,16 +240,18 @@ class DeleteModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model_id", "inputs", "retain_graph", "eval_mode")
+    __slots__ = ("model_id", "inputs", "retain_graph", "eval_mode", "shm_reply")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RETAIN_GRAPH_FIELD_NUMBER: _ClassVar[int]
     EVAL_MODE_FIELD_NUMBER: _ClassVar[int]
+    SHM_REPLY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     retain_graph: bool
     eval_mode: bool
-    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_graph: _Optional[bool] = ..., eval_mode: _Optional[bool] = ...) -> None: ...
+    shm_reply: SharedMemoryRef
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_graph: _Optional[bool] = ..., eval_mode: _Optional[bool] = ..., shm_reply: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("output", "forward_id")
@@ -248,7 +262,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("model_id", "inputs", "target", "forward_id", "grad_output", "return_grads", "return_input_grads", "step", "return_output", "request_id")
+    __slots__ = ("model_id", "inputs", "target", "forward_id", "grad_output", "return_grads", "return_input_grads", "step", "return_output", "request_id", "shm_reply")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +273,7 @@ class BackwardRequest(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_REPLY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     target: Tensor
@@ -269,7 +284,8 @@ class BackwardRequest(_message.Message):
     step: bool
     return_output: bool
     request_id: str
-    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., return_grads: _Optional[bool] = ..., return_input_grads: _Optional[bool] = ..., step: _Optional[bool] = ..., return_output: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    shm_reply: SharedMemoryRef
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., return_grads: _Optional[bool] = ..., return_input_grads: _Optional[bool] = ..., step: _Optional[bool] = ..., return_output: _Optional[bool] = ..., request_id: _Optional[str] = ..., shm_reply: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("loss", "grads", "input_grads", "step", "output")
@@ -633,3 +649,31 @@ class ListCheckpointsResponse(_message.Message):
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("name", "size", "nonce")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    nonce: bytes
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("region_id", "idle_ttl_seconds")
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    region_id: str
+    idle_ttl_seconds: float
+    def __init__(self, region_id: _Optional[str] = ..., idle_ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region_id",)
+    REGION_ID_FIELD_NUMBER: _ClassVar[int]
+    region_id: str
+    def __init__(self, region_id: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -125,6 +125,16 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/gradserve.v1.GradientService/RegisterSharedMemory',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/gradserve.v1.GradientService/UnregisterSharedMemory',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -261,6 +271,24 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Same-host fast path: maps a shared-memory segment the caller created (POSIX shm, e.g.
+        /dev/shm/<name>) so that Forward and Backward tensors can travel through it instead of the
+        socket. FAILED_PRECONDITION when the server cannot open it (another host, another user, or
+        the fast path is disabled): the caller then keeps using the wire. The server unlinks the
+        name once mapped, so the memory is freed when both sides have let go of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Releases a region registered by RegisterSharedMemory (idle regions also expire on their own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -353,6 +381,16 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -842,6 +880,60 @@ class GradientService:
             '/gradserve.v1.GradientService/ListCheckpoints',
             gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/RegisterSharedMemory',
+            gradserve_dot_v1_dot_gradserve__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/UnregisterSharedMemory',
+            gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
