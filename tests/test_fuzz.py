@@ -623,6 +623,7 @@ def _oversize(rpc: str, model_id: str, nbytes: int) -> Callable[[Any], Any]:
         pb.TrainStreamRequest(batch=pb.InlineData(inputs=[big]))])))
 
 
+@settings(max_examples=24)  # 12 kinds of oversize request, a few sizes each, in either profile
 @given(rpc=st.sampled_from(["Forward", "Backward", "SetParameters", "CreateModel", "Train",
                             "TrainStream"]),
        over=st.sampled_from(["request", "message"]), extra=st.integers(4, 256 * 1024))

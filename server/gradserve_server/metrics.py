@@ -153,6 +153,7 @@ class Metrics(Hooks):
                                          "Bytes held by uploaded datasets, all together.",
                                          registry=r)
         self._live: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
         self._per_model: list[Any] = [self.loss_gauge, self.grad_norm_gauge, self.lr_gauge,
                                       self.steps_total, self.samples_total, self.graphs_gauge,
@@ -167,6 +168,14 @@ class Metrics(Hooks):
         self.rpc_seconds.labels(method, code).observe(seconds)
 
     # --- hooks: model labels exist only for live models -------------------------------------
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(...), cached: the lookup is a hot per-call cost (caller holds the lock)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def _if_live(self, model_id: str, write: Callable[[], None]) -> None:
         with self._lock:
@@ -187,6 +196,8 @@ class Metrics(Hooks):
         with self._lock:
             self._live.discard(model_id)
             self.models.set(len(self._live))
+            for key in [k for k in self._children if k[1][0] == model_id]:
+                del self._children[key]
             for metric in self._per_model:
                 try:
                     metric.remove(model_id)
@@ -199,31 +210,32 @@ class Metrics(Hooks):
                     pass  # never observed: nothing to remove
 
     def phase_seconds(self, model_id: str, phase: str, seconds: float) -> None:
-        self._if_live(model_id, lambda: self.step_seconds.labels(model_id, phase).observe(seconds))
+        self._if_live(model_id,
+                      lambda: self._child(self.step_seconds, model_id, phase).observe(seconds))
 
     def loss(self, model_id: str, value: float) -> None:
-        self._if_live(model_id, lambda: self.loss_gauge.labels(model_id).set(value))
+        self._if_live(model_id, lambda: self._child(self.loss_gauge, model_id).set(value))
 
     def grad_norm(self, model_id: str, value: float) -> None:
-        self._if_live(model_id, lambda: self.grad_norm_gauge.labels(model_id).set(value))
+        self._if_live(model_id, lambda: self._child(self.grad_norm_gauge, model_id).set(value))
 
     def learning_rate(self, model_id: str, value: float) -> None:
-        self._if_live(model_id, lambda: self.lr_gauge.labels(model_id).set(value))
+        self._if_live(model_id, lambda: self._child(self.lr_gauge, model_id).set(value))
 
     def steps(self, model_id: str, steps: int, samples: int) -> None:
         def write() -> None:
             if steps:
-                self.steps_total.labels(model_id).inc(steps)
+                self._child(self.steps_total, model_id).inc(steps)
             if samples:
-                self.samples_total.labels(model_id).inc(samples)
+                self._child(self.samples_total, model_id).inc(samples)
 
         self._if_live(model_id, write)
 
     def graphs(self, model_id: str, retained: int, evicted: int) -> None:
         def write() -> None:
-            self.graphs_gauge.labels(model_id).set(retained)
+            self._child(self.graphs_gauge, model_id).set(retained)
             if evicted:
-                self.evictions.labels(model_id).inc(evicted)
+                self._child(self.evictions, model_id).inc(evicted)
 
         self._if_live(model_id, write)
 
