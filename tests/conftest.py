@@ -14,6 +14,10 @@ from gradserve import Client  # noqa: E402
 from gradserve_server.app import GradServer, build_server  # noqa: E402
 from gradserve_server.settings import Settings  # noqa: E402
 
+from test_fuzz import register_profiles  # noqa: E402 - before --hypothesis-profile applies
+
+register_profiles()
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -37,7 +37,7 @@ class Settings:
     log_format: str = _opt("text", "text or json", choices=("text", "json"))
     # limits
     max_models: int = _opt(256, "models held at once")
-    max_parameters: int = _opt(500_000_000, "parameter elements per model")
+    max_parameters: int = _opt(500_000_000, "parameter and buffer elements per model")
     max_request_mb: int = _opt(512, "tensor MiB in one request")
     max_graphs: int = _opt(64, "retained forward graphs per model")
     max_graph_mb: int = _opt(1024, "MiB of retained graphs per model")
