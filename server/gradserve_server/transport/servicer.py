@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import closing
 from collections.abc import Iterator
 from typing import Any
@@ -22,11 +23,26 @@ from .shm import SharedMemoryRegistry
 log = logging.getLogger("gradserve.train")
 
 
-def _cancelled(context: grpc.ServicerContext) -> Any:
-    """A flag set when the caller cancels or its deadline passes (checked once per step)."""
+def _cancelled(context: grpc.ServicerContext, poll_s: float = 0.01) -> Any:
+    """True once the caller cancels or its deadline passes; cheap enough to ask every step.
+
+    gRPC's termination callback sets a flag; the context itself is asked at most every 10 ms
+    (asking it costs a trip into the gRPC core, which a tiny training step would feel).
+    """
     flag = threading.Event()
     context.add_callback(flag.set)
-    return lambda: flag.is_set() or not context.is_active()
+    next_poll = [time.monotonic() + poll_s]
+
+    def cancelled() -> bool:
+        if flag.is_set():
+            return True
+        now = time.monotonic()
+        if now < next_poll[0]:
+            return False
+        next_poll[0] = now + poll_s
+        return not context.is_active()
+
+    return cancelled
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
