@@ -274,10 +274,10 @@ def split(data: bytes, cls: Any, minimum: int = MIN_PAYLOAD) -> Any:
     return Framed(cls.FromString(b"".join(pieces[0])), payloads, plan)
 
 
-def _split(buf: memoryview, start: int, end: int, plan: _Plan, path: Path,
-           out: dict[Path, Any], minimum: int) -> tuple[list[Any], int] | None:
-    pieces: list[Any] = []
-    copied = start  # buf[copied:field start] is still to be copied
+def _plan_fields(buf: memoryview, start: int, end: int, plan: _Plan
+                 ) -> Iterator[tuple[int, int, _Field, int, int, int]]:
+    """The length-delimited fields of buf[start:end] that the plan knows, in order:
+    (field start, tag, spec, content start, content stop, index among repeats of the field)."""
     counts: dict[int, int] = {}
     pos = start
     while pos < end:
@@ -290,6 +290,16 @@ def _split(buf: memoryview, start: int, end: int, plan: _Plan, path: Path,
             continue
         index = counts.get(number, 0)
         counts[number] = index + 1
+        yield field_start, tag, spec, content, stop, index
+    if pos != end:
+        raise WireError("field runs past its message")
+
+
+def _split(buf: memoryview, start: int, end: int, plan: _Plan, path: Path,
+           out: dict[Path, Any], minimum: int) -> tuple[list[Any], int] | None:
+    pieces: list[Any] = []
+    copied = start  # buf[copied:field start] is still to be copied
+    for field_start, tag, spec, content, stop, index in _plan_fields(buf, start, end, plan):
         base = (*path, spec.name, index) if spec.repeated else (*path, spec.name)
         if spec.kind == "tensor":
             sub = _split_tensor(buf, content, stop, base, out, minimum)
@@ -302,8 +312,6 @@ def _split(buf: memoryview, start: int, end: int, plan: _Plan, path: Path,
             continue
         pieces += [buf[copied:field_start], _encode_varint(tag), _encode_varint(sub[1]), *sub[0]]
         copied = stop
-    if pos != end:
-        raise WireError("field runs past its message")
     if not pieces:
         return None
     pieces.append(buf[copied:end])
@@ -381,18 +389,8 @@ def _join(buf: memoryview, start: int, end: int, plan: _Plan, path: Path,
     """Append the bytes of buf[start:end] with payloads spliced in; offset is where they start
     in the output. Returns the number of bytes appended."""
     written = 0
-    copied = pos = start
-    counts: dict[int, int] = {}
-    while pos < end:
-        field_start = pos
-        tag, pos = _varint(buf, pos, end)
-        number, wire_type = tag >> 3, tag & 7
-        content, stop, pos = _skip(buf, pos, end, wire_type)
-        spec = plan.by_number.get(number) if wire_type == 2 else None
-        if spec is None:
-            continue
-        index = counts.get(number, 0)
-        counts[number] = index + 1
+    copied = start
+    for field_start, tag, spec, content, stop, index in _plan_fields(buf, start, end, plan):
         if spec.kind == "map":
             key, value = _entry_key(buf, content, stop)
             base: Path = (*path, spec.name, key)
