@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import random
 from collections.abc import Iterator
 from importlib import resources
@@ -16,6 +18,14 @@ from ._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
 RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 SERVICE_CONFIG = resources.files("gradserve").joinpath("service_config.json").read_text()
+# Methods safe to repeat (reads, and mutating calls deduplicated by request id): the service
+# config's retry policy names them, and the SDK's own retry loop uses the same list.
+RETRYABLE = frozenset(
+    name["method"]
+    for method_config in json.loads(SERVICE_CONFIG)["methodConfig"]
+    if "retryPolicy" in method_config
+    for name in method_config["name"]
+)
 
 
 def options(max_message_mb: int) -> list[tuple[str, Any]]:

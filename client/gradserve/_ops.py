@@ -25,18 +25,12 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from google.protobuf import struct_pb2
 
-from . import _wire, codec
+from . import _channel, _wire, codec
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
 from .errors import GradServeError
 
 T = TypeVar("T")
 U = TypeVar("U")
-
-# Calls that change nothing, or carry a request id the server deduplicates: safe to retry.
-RETRYABLE = frozenset({
-    "GetModel", "ListModels", "Forward", "GetParameters", "ListDatasets", "ListCheckpoints",
-    "Backward", "Step", "ZeroGrad", "SetParameters",
-})
 
 
 @dataclass(frozen=True)
@@ -51,7 +45,7 @@ class Op(Generic[T]):
 
     @property
     def retryable(self) -> bool:
-        return self.rpc in RETRYABLE and not (
+        return self.rpc in _channel.RETRYABLE and not (
             self.rpc == "Forward" and self.request.retain_graph)
 
     def then(self, fn: Callable[[T], U]) -> Op[U]:
