@@ -45,6 +45,8 @@ class Settings:
     max_train_runs: int = _opt(8, "concurrent Train/TrainStream runs")
     max_dataset_mb: int = _opt(8192, "MiB of uploaded datasets, all together")
     request_id_window: int = _opt(1024, "remembered request ids per model (exactly-once retries)")
+    request_id_window_mb: int = _opt(16, "MiB of replies kept per model for retries; older "
+                                     "replies are dropped first (their ids stay remembered)")
     max_shm_mb: int = _opt(4096, "MiB of same-host shared memory clients may register at once "
                            "(0 disables the shared-memory fast path)")
     shm_ttl_s: float = _opt(300.0, "seconds an unused shared-memory region stays registered")
@@ -53,8 +55,11 @@ class Settings:
     # durability
     state_dir: str = _opt("", "directory for checkpoints; models are restored from it at start")
     autosave_steps: int = _opt(0, "during Train, checkpoint every N steps (0: off)")
-    autosave_seconds: float = _opt(0.0, "during Train, checkpoint every N seconds (0: off)")
+    autosave_seconds: float = _opt(0.0, "every N seconds, checkpoint in the background every "
+                                   "model changed since its last checkpoint (0: off)")
     grace_seconds: float = _opt(20.0, "on SIGTERM: time to stop loops and checkpoint")
+    persist_datasets: int = _opt(0, "1: write uploaded datasets to --state-dir so that they "
+                                 "survive restarts (0: memory only)", choices=(0, 1))
     # security
     auth_token_file: str = _opt("", "file of bearer tokens, one per line: 'token [scope,scope]'")
     tls_cert: str = _opt("", "PEM server certificate (enables TLS)")
@@ -70,6 +75,7 @@ class Settings:
             max_graph_bytes=self.max_graph_mb * mib, graph_ttl_s=self.graph_ttl_s,
             max_train_runs=self.max_train_runs, max_dataset_bytes=self.max_dataset_mb * mib,
             request_id_window=self.request_id_window,
+            request_id_window_bytes=self.request_id_window_mb * mib,
         )
 
     @property
@@ -105,6 +111,14 @@ class Settings:
             parser.error("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.autosave_steps < 0 or self.autosave_seconds < 0:
+            parser.error("--autosave-steps and --autosave-seconds must be >= 0 (0: off)")
+        if self.request_id_window < 0 or self.request_id_window_mb < 0:
+            parser.error("--request-id-window and --request-id-window-mb must be >= 0")
+        if self.persist_datasets not in (0, 1):
+            parser.error(f"--persist-datasets: expected 0 or 1, got {self.persist_datasets}")
+        if self.persist_datasets and not self.state_dir:
+            parser.error("--persist-datasets 1 needs --state-dir (where the datasets are kept)")
         try:
             buckets = self.buckets
         except ValueError:

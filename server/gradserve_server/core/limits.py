@@ -16,3 +16,4 @@ class Limits:
     max_train_runs: int = 8                     # concurrent Train/TrainStream runs
     max_dataset_bytes: int = 8 * 1024 * 1024 * 1024  # all uploaded datasets together
     request_id_window: int = 1024               # remembered request ids per model
+    request_id_window_bytes: int = 16 * 1024 * 1024  # replies kept for retries, per model

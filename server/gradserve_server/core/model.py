@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -22,11 +23,18 @@ from ..catalog.plugins import build_plugin
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .limits import Limits
+from .request_ids import RequestIdWindow, fingerprint
 from .spec import FLOAT_DTYPES, SOURCES, ModelSpec
 
 T = TypeVar("T")
-# Seeded construction touches torch's global RNG; one creation at a time keeps it reproducible.
+# torch's global generator is what dropout draws from. Each model keeps its own stream and swaps
+# it in around calls that may draw (and around construction); this lock makes each swap atomic.
 _RNG_LOCK = threading.Lock()
+# Layers that draw random numbers in training mode. MultiheadAttention drops out functionally,
+# without a submodule. Sources other than layers and expressions (plugins: arbitrary code) are
+# assumed to draw; expressions never do.
+RANDOM_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttention)
 
 
 @dataclass
@@ -75,6 +83,59 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _draws_random(spec: ModelSpec, module: nn.Module) -> bool:
+    if spec.source == "expression":
+        return False
+    if spec.source != "layers":
+        return True
+    return any(isinstance(m, RANDOM_LAYERS) for m in module.modules())
+
+
+class ModelRNG:
+    """A model's own random stream: torch's CPU generator state (and its CUDA device's).
+
+    It starts as torch's global generator would be after `torch.manual_seed(seed)` and building
+    the model, and advances only by the model's own calls (dropout masks in training mode), so
+    a remote model draws what the same local code draws. It is saved in checkpoints.
+    """
+
+    def __init__(self, device: torch.device, cpu: torch.Tensor,
+                 cuda: torch.Tensor | None = None) -> None:
+        self.device = device
+        self.cpu = cpu
+        self.cuda = cuda
+
+    @classmethod
+    def capture(cls, device: torch.device) -> ModelRNG:
+        """The global generators' state now (caller holds _RNG_LOCK inside fork_rng)."""
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(device, torch.get_rng_state(), cuda)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Swap this stream into torch's global generators for the block, then swap it out."""
+        cuda = self.device.type == "cuda"
+        with _RNG_LOCK:
+            saved = torch.get_rng_state()
+            saved_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+            torch.set_rng_state(self.cpu)
+            if cuda and self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            try:
+                yield
+            finally:
+                self.cpu = torch.get_rng_state()
+                if cuda:
+                    self.cuda = torch.cuda.get_rng_state(self.device)
+                    torch.cuda.set_rng_state(saved_cuda, self.device)  # type: ignore[arg-type]
+                torch.set_rng_state(saved)
+
+
+def _fresh_seed() -> int:
+    """A seed for a model created without one (never the global generator's next state)."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
 def _build_module(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
     if spec.source == "layers":
         return build_sequential(spec.layers)
@@ -116,10 +177,14 @@ class Model:
         self.hooks = hooks
         self.loss_fn: Loss = build_loss(spec.loss, spec.loss_reduction, spec.loss_kwargs)
         self._check_size(spec, dtype)
-        with _RNG_LOCK, torch.random.fork_rng(devices=[]):
-            if spec.seed is not None:
-                torch.manual_seed(spec.seed)
+        seed = spec.seed if spec.seed is not None else _fresh_seed()
+        cuda = [device] if device.type == "cuda" else []
+        with _RNG_LOCK, torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
             module = _build_module(spec, dtype)
+            # The stream continues where initialisation left it, as in local code.
+            self.rng = ModelRNG.capture(device)
+        self.draws_random = _draws_random(spec, module)
         self.module: nn.Module = module.to(dtype=dtype).to(device)
         self.module.train()
         self._apply_initial(spec.initial_parameters)
@@ -128,13 +193,27 @@ class Model:
                                          self.module.parameters())
         self.step_count = 0
         self.lock = threading.Lock()
-        self.training_run: str | None = None
+        # Changes since the last checkpoint of this model under its own id: autosave writes a
+        # model only when version moved past saved_version. Bumped by every call that may
+        # change the model (mutating(), train-mode forwards, a Train run's start and end).
+        self.version = 1
+        self.saved_version = 0
+        self._training_run: str | None = None
         self.deleted = threading.Event()
         self._graphs: OrderedDict[str, _Graph] = OrderedDict()
         self._evicted: OrderedDict[str, str] = OrderedDict()
         self._graph_bytes = 0
-        self._results: OrderedDict[str, Any] = OrderedDict()
+        self.requests = RequestIdWindow(limits.request_id_window, limits.request_id_window_bytes)
         self.created = time.time()
+
+    @property
+    def training_run(self) -> str | None:
+        return self._training_run
+
+    @training_run.setter
+    def training_run(self, run: str | None) -> None:
+        self._training_run = run
+        self.version += 1  # a run zeroes gradients first and steps: the model changes
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -215,19 +294,17 @@ class Model:
                     f"model {self.id!r} is training (run {self.training_run}); cancel the run "
                     "or wait for it to finish"
                 )
+            self.version += 1
             yield
 
-    def once(self, request_id: str, fn: Callable[[], T]) -> T:
-        """Run fn at most once per request_id (caller holds the lock); repeats get the result."""
-        if not request_id:
-            return fn()
-        if request_id in self._results:
-            return self._results[request_id]  # type: ignore[no-any-return]
-        result = fn()
-        self._results[request_id] = result
-        while len(self._results) > self.limits.request_id_window:
-            self._results.popitem(last=False)
-        return result
+    def once(self, method: str, request_id: str, payload: Callable[[], tuple[Any, ...]],
+             fn: Callable[[], T]) -> T:
+        """Run fn at most once per (method, request_id) (caller holds the lock).
+
+        A repeat with the same payload gets the first reply; payload() is only evaluated when
+        there is an id (its fingerprint tells a retry from a reuse of the id).
+        """
+        return self.requests.run(method, request_id, lambda: fingerprint(*payload()), fn)
 
     def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False
                        ) -> list[torch.Tensor]:
@@ -264,9 +341,21 @@ class Model:
         return target
 
     def run_module(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """module(*inputs), turning torch's shape/dtype complaints into INVALID_ARGUMENT."""
+        """module(*inputs), turning torch's shape/dtype complaints into INVALID_ARGUMENT.
+
+        In training mode the model changes (BatchNorm statistics, its random stream): the
+        version moves, and a model that draws random numbers draws from its own stream.
+        """
         try:
-            out = self.module(*inputs)
+            if self.module.training:
+                self.version += 1
+                if self.draws_random:
+                    with self.rng.active():
+                        out = self.module(*inputs)
+                else:
+                    out = self.module(*inputs)
+            else:
+                out = self.module(*inputs)
         except InvalidArgument:
             raise
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -386,9 +475,12 @@ class Model:
         request_id: str = "",
     ) -> BackwardResult:
         with self.mutating():
-            return self.once(request_id, lambda: self._backward(
-                inputs, target, forward_id, grad_output, return_grads, return_input_grads,
-                step, return_output))
+            return self.once(
+                "Backward", request_id,
+                lambda: (list(inputs), target, forward_id, grad_output, return_grads,
+                         return_input_grads, step, return_output),
+                lambda: self._backward(inputs, target, forward_id, grad_output, return_grads,
+                                       return_input_grads, step, return_output))
 
     def _backward(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None,
                   forward_id: str, grad_output: torch.Tensor | None, return_grads: bool,
@@ -448,7 +540,8 @@ class Model:
 
     def step(self, keep_grad: bool = False, request_id: str = "") -> int:
         with self.mutating():
-            return self.once(request_id, lambda: self._step(zero_grad=not keep_grad))
+            return self.once("Step", request_id, lambda: (keep_grad,),
+                             lambda: self._step(zero_grad=not keep_grad))
 
     def _step(self, zero_grad: bool, samples: int = 0) -> int:
         start = time.perf_counter()
@@ -465,7 +558,7 @@ class Model:
 
     def zero_grad(self, request_id: str = "") -> None:
         with self.mutating():
-            self.once(request_id, lambda: self.module.zero_grad())
+            self.once("ZeroGrad", request_id, tuple, lambda: self.module.zero_grad())
 
     # ------------------------------------------------------------------ parameters
 
@@ -491,7 +584,8 @@ class Model:
         if not values:
             raise InvalidArgument("parameters: give at least one name -> tensor")
         with self.mutating():
-            self.once(request_id, lambda: self._assign(values, "parameters"))
+            self.once("SetParameters", request_id, lambda: (dict(values),),
+                      lambda: self._assign(values, "parameters"))
 
     def total_grad_norm(self) -> float:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
