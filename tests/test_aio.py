@@ -315,5 +315,7 @@ def test_datasets_and_checkpoints(make_server: Callable[..., GradServer],
             torch.testing.assert_close(after[name], value, rtol=0, atol=0)
         await c.delete_dataset("d1")
         assert await c.list_datasets() == []
+        await c.delete_checkpoint("ck")
+        assert await c.list_checkpoints() == []
 
     run(body, server)

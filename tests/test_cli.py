@@ -262,6 +262,10 @@ def test_checkpoint_save_list_load(make_server: Callable[..., GradServer], tmp_p
         restored = cli.json("checkpoint", "load", "ck1", "--into", "copy")
         assert (restored["model_id"], restored["step"]) == ("copy", 1)
         _assert_same(client.model("copy").parameters(), model.parameters())
+        assert cli.json("checkpoint", "delete", "ck1") == {"deleted": ["ck1"]}
+        assert client.list_checkpoints() == []
+        code, _, err = cli("checkpoint", "delete", "ck1")
+        assert code != 0 and "ck1" in err
 
 
 def test_token_flag_and_environment(make_server: Callable[..., GradServer], tmp_path: Path,

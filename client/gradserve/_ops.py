@@ -211,6 +211,7 @@ class CheckpointInfo:
     step: int
     num_bytes: int
     created_unix: float
+    error: str = ""  # why the file cannot be loaded; empty for a usable checkpoint
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,8 @@ def dataset_info(msg: pb.DatasetInfo) -> DatasetInfo:
 
 
 def checkpoint_info(msg: pb.CheckpointInfo) -> CheckpointInfo:
-    return CheckpointInfo(msg.name, msg.model_id, msg.step, msg.num_bytes, msg.created_unix)
+    return CheckpointInfo(msg.name, msg.model_id, msg.step, msg.num_bytes, msg.created_unix,
+                          msg.error)
 
 
 # ------------------------------------------------------------------------------------ requests

@@ -512,9 +512,11 @@ def cmd_params_import(client: Client, args: argparse.Namespace, out: Output) -> 
 
 
 def _checkpoint_rows(items: Sequence[_ops.CheckpointInfo]) -> str:
-    return table(["name", "model", "step", "bytes", "created"],
+    rows = table(["name", "model", "step", "bytes", "created"],
                  [[c.name, c.model_id, c.step, c.num_bytes, _date(c.created_unix)]
                   for c in items])
+    damaged = [f"{c.name}: {c.error}" for c in items if c.error]
+    return "\n".join([rows, *damaged])
 
 
 def cmd_checkpoint_save(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -532,6 +534,13 @@ def cmd_checkpoint_load(client: Client, args: argparse.Namespace, out: Output) -
 def cmd_checkpoint_list(client: Client, args: argparse.Namespace, out: Output) -> int:
     items = client.list_checkpoints()
     out.emit(items, lambda: _checkpoint_rows(items))
+    return 0
+
+
+def cmd_checkpoint_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    for name in args.names:
+        client.delete_checkpoint(name)
+    out.emit({"deleted": list(args.names)}, "\n".join(f"deleted {n}" for n in args.names))
     return 0
 
 
@@ -636,7 +645,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("file", help="input file (.safetensors or .npz)")
     p.add_argument("--names", nargs="+", default=[], help="only these tensors of the file")
 
-    ckpt = branch("checkpoint", "save, load or list checkpoints (server --state-dir)")
+    ckpt = branch("checkpoint", "save, load, list or delete checkpoints (server --state-dir)")
     p = leaf(ckpt, "save", cmd_checkpoint_save, "checkpoint a model")
     p.add_argument("model", help="model id")
     p.add_argument("--name", default="", help="checkpoint name (default: the model id)")
@@ -645,6 +654,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p.add_argument("--into", default="", metavar="MODEL",
                    help="model id to restore into (default: the id saved in the checkpoint)")
     leaf(ckpt, "list", cmd_checkpoint_list, "list checkpoints")
+    p = leaf(ckpt, "delete", cmd_checkpoint_delete, "delete checkpoints from the state dir")
+    p.add_argument("names", nargs="+", metavar="name", help="checkpoint name(s)")
 
     datasets = branch("datasets", "list or delete uploaded datasets")
     leaf(datasets, "list", cmd_datasets_list, "list datasets")

@@ -195,6 +195,11 @@ class ClientCalls:
         return self._run(Op("ListCheckpoints", pb.ListCheckpointsRequest(),
                             lambda r: [_ops.checkpoint_info(c) for c in r.checkpoints]))
 
+    def delete_checkpoint(self, name: str) -> Any:
+        """Remove a checkpoint from the server's state dir (NotFoundError if there is none)."""
+        return self._run(Op("DeleteCheckpoint", pb.DeleteCheckpointRequest(name=name),
+                            lambda r: None))
+
     # ------------------------------------------------------------------ health
 
     @staticmethod

@@ -13,7 +13,8 @@ from grpc_reflection.v1alpha import reflection
 
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
-from .core.service import Core
+from .core.service import CheckpointResult, Core
+from .core.statedir import place_scratch
 from .metrics import Metrics
 from .settings import Settings
 from .transport.fastpath import add_servicer
@@ -74,8 +75,11 @@ class GradServer:
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.metrics = Metrics(settings.buckets, settings.max_models, device=self.device)
+        place_scratch(settings.state_dir)  # StartupError: temp files would land in the state dir
+        # StartupError when --state-dir cannot be created or written: exit now, not at SIGTERM.
         self.core = Core(self.device, settings.limits, self.metrics, settings.state_dir,
-                         settings.autosave_steps, settings.autosave_seconds)
+                         settings.autosave_steps, settings.autosave_seconds,
+                         bool(settings.persist_datasets))
         interceptors: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
         if settings.auth_token_file:
             interceptors.append(AuthInterceptor(load_tokens(settings.auth_token_file)))
@@ -115,9 +119,11 @@ class GradServer:
         self._metrics_server: object | None = None
 
     def start(self) -> None:
-        restored = self.core.restore_all()
-        if restored:
-            log.info("restored %d model(s) from %s", restored, self.settings.state_dir)
+        restored = self.core.start()
+        if restored.models or restored.datasets or restored.quarantined:
+            log.info("restored %d model(s) and %d dataset(s) from %s; %d file(s) quarantined",
+                     len(restored.models), len(restored.datasets), self.settings.state_dir,
+                     len(restored.quarantined))
         if self.settings.metrics_port >= 0:
             host = self.settings.metrics_host or self.settings.host
             self._metrics_server, self.metrics_port = self.metrics.serve(
@@ -130,7 +136,7 @@ class GradServer:
             "device": str(self.device), "tls": bool(self.settings.tls_cert),
             "auth": bool(self.settings.auth_token_file)}})
 
-    def drain(self, grace: float | None = None) -> int:
+    def drain(self, grace: float | None = None) -> CheckpointResult:
         """Graceful stop: NOT_SERVING, stop Train loops at a step boundary, checkpoint, close."""
         grace = self.settings.grace_seconds if grace is None else grace
         self.health.enter_graceful_shutdown()
@@ -138,14 +144,19 @@ class GradServer:
         self.grpc.stop(grace).wait(grace + 1)
         if self.shm is not None:
             self.shm.close()
-        saved = self.core.checkpoint_all()
-        if saved:
-            log.info("checkpointed %d model(s) to %s", saved, self.settings.state_dir)
+        # The budget split (RPCs get a bounded part of the grace, checkpoints a monotonic
+        # deadline for the rest) is wired with the aio transport; until then no deadline.
+        result = self.core.checkpoint_all(deadline=None)
+        if result.saved or result.failed:
+            log.info("checkpointed %d model(s) to %s (%d already current, %d failed)",
+                     len(result.saved), self.settings.state_dir, len(result.unchanged),
+                     len(result.failed))
         self.close_metrics()
-        return saved
+        return result
 
     def stop(self) -> None:
         """Immediate stop (tests)."""
+        self.core.stop_autosave()
         self.core.trainer.shutdown.set()
         self.grpc.stop(0).wait(5)
         if self.shm is not None:

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 
 from . import logs
+from .core.errors import StartupError
 from .settings import Settings
 
 log = logging.getLogger("gradserve")
@@ -39,7 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.load(argv)
     logs.configure(settings.log_level, settings.log_format)
     tune_malloc()
-    server, _port = build_server(settings)
+    try:
+        server, _port = build_server(settings)
+    except StartupError as exc:  # one line naming the flag, the path and the reason
+        print(f"gradserve-server: {exc}", file=sys.stderr)
+        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -51,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.start()
     while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
         pass
-    server.drain()
+    result = server.drain()
     log.info("stopped")
-    return 0
+    return 0 if result.ok else 1  # 1: some model was not checkpointed (each one is logged)
 
 
 if __name__ == "__main__":

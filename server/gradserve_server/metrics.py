@@ -26,7 +26,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .core.checkpoints import QUARANTINE_REASONS
 from .core.hooks import Hooks
+from .core.service import SAVE_TRIGGERS
 from .core.trainer import CANCELLED, COMPLETED, MAX_STEPS, NON_FINITE, SHUTDOWN, STOP_LOSS
 
 PHASES = ("forward", "backward", "optimizer_step", "train_step")
@@ -152,6 +154,19 @@ class Metrics(Hooks):
         self.dataset_bytes_gauge = Gauge("gradserve_dataset_bytes",
                                          "Bytes held by uploaded datasets, all together.",
                                          registry=r)
+        self.checkpoint_saves = Counter(
+            "gradserve_checkpoint_saves",
+            "Checkpoint writes by trigger (request, autosave, shutdown) and result (ok, error).",
+            ["trigger", "result"], registry=r)
+        for trigger in SAVE_TRIGGERS:
+            for result in ("ok", "error"):
+                self.checkpoint_saves.labels(trigger, result)
+        self.quarantined = Counter(
+            "gradserve_checkpoints_quarantined",
+            "State-dir files moved to quarantine/ at start, by reason (unreadable, invalid, "
+            "mismatch, over_limit).", ["reason"], registry=r)
+        for reason in QUARANTINE_REASONS:
+            self.quarantined.labels(reason)
         self._live: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._lock = threading.Lock()
@@ -247,3 +262,9 @@ class Metrics(Hooks):
 
     def dataset_bytes(self, total: int) -> None:
         self.dataset_bytes_gauge.set(total)
+
+    def checkpoint_saved(self, trigger: str, result: str) -> None:
+        self.checkpoint_saves.labels(trigger, result).inc()
+
+    def checkpoint_quarantined(self, reason: str) -> None:
+        self.quarantined.labels(reason).inc()

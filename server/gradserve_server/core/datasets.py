@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import builtins
+import json
 import math
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
+from . import statedir
 from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
-from .ids import check_id
+from .ids import check_id, is_id
 
 _ALIGN = 8  # each tensor starts on an 8-byte boundary so that dtype views are legal
+FORMAT = "gradserve-dataset-1"
+SUFFIX = ".safetensors"
+# dtypes a stored dataset may name (str(dtype) without "torch."), checked when read back.
+_DTYPES = {str(t).removeprefix("torch."): t for t in statedir.DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -65,10 +75,21 @@ class Dataset:
     created: float = field(default_factory=time.time)
 
 
+def _offsets(layouts: list[TensorLayout]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for layout in layouts:
+        offsets.append(total)
+        total += -(-layout.nbytes // _ALIGN) * _ALIGN
+    return offsets, total
+
+
 class DatasetStore:
-    def __init__(self, max_bytes: int, hooks: Hooks) -> None:
+    """Datasets by id, in memory; with persist_dir also on disk, so that they survive restarts."""
+
+    def __init__(self, max_bytes: int, hooks: Hooks, persist_dir: Path | None = None) -> None:
         self.max_bytes = max_bytes
         self.hooks = hooks
+        self.persist_dir = persist_dir
         self._datasets: dict[str, Dataset] = {}
         self._reserved = 0
         self._lock = threading.Lock()
@@ -84,12 +105,10 @@ class DatasetStore:
         layouts = [*inputs, *([target] if target is not None else [])]
         if not inputs:
             raise InvalidArgument("header.inputs: declare at least one input tensor")
-        offsets, total = [], 0
         for layout in layouts:
             if not layout.shape:
                 raise InvalidArgument("header: every tensor needs a sample dimension")
-            offsets.append(total)
-            total += -(-layout.nbytes // _ALIGN) * _ALIGN
+        offsets, total = _offsets(layouts)
         if len({lay.shape[0] for lay in layouts}) != 1:
             raise InvalidArgument("header: tensors disagree on the number of samples (dimension 0)")
         with self._lock:
@@ -129,6 +148,8 @@ class DatasetStore:
                        for o, lay in zip(offsets, layouts)]
             data_ = TrainData(tensors[:len(inputs)], tensors[len(inputs)] if target else None)
             dataset = Dataset(dataset_id, data_, layouts, target is not None, total)
+            if self.persist_dir is not None:  # on disk before the caller hears it is there
+                self._write(dataset, buf)
             with self._lock:
                 self._datasets[dataset_id] = dataset
         finally:
@@ -140,7 +161,11 @@ class DatasetStore:
     def get(self, dataset_id: str) -> Dataset:
         dataset = self._datasets.get(dataset_id)
         if dataset is None:
-            raise NotFound(f"dataset_id: no dataset {dataset_id!r}; ListDatasets shows the ids")
+            kept = ("" if self.persist_dir is not None else
+                    " (uploaded datasets are held in memory only and are gone after a server "
+                    "restart; the server keeps them with --persist-datasets 1)")
+            raise NotFound(f"dataset_id: no dataset {dataset_id!r}; ListDatasets shows the "
+                           f"ids{kept}")
         return dataset
 
     def list(self) -> list[Dataset]:
@@ -151,5 +176,108 @@ class DatasetStore:
         with self._lock:
             if self._datasets.pop(dataset_id, None) is None:
                 raise NotFound(f"dataset_id: no dataset {dataset_id!r}")
+        if self.persist_dir is not None:
+            try:
+                statedir.remove_durably(self.persist_dir / f"{dataset_id}{SUFFIX}")
+            except OSError as exc:
+                raise statedir.io_fault(exc, self.persist_dir,
+                                        f"the deletion of dataset {dataset_id!r}") from None
         self.hooks.dataset_bytes(self.bytes_held)
 
+    # ------------------------------------------------------------------ persistence (opt-in)
+
+    def unpersisted(self) -> builtins.list[str]:
+        """Ids of datasets that a restart loses (all of them unless persistence is on)."""
+        return [] if self.persist_dir is not None else sorted(self._datasets)
+
+    def _write(self, dataset: Dataset, buf: torch.Tensor) -> None:
+        assert self.persist_dir is not None
+        meta = {"format": FORMAT, "dataset_id": dataset.id, "inputs": len(dataset.data.inputs),
+                "has_target": dataset.has_target, "created_unix": dataset.created,
+                "layouts": [{"dtype": str(x.dtype).removeprefix("torch."), "shape": list(x.shape)}
+                            for x in dataset.layouts]}
+        statedir.write_atomic(self.persist_dir, f"{dataset.id}{SUFFIX}", {"data": buf},
+                              {"gradserve": json.dumps(meta)}, f"dataset {dataset.id!r}")
+
+    def restore(self) -> tuple[builtins.list[str], dict[str, tuple[str, str]]]:
+        """At start: load persisted datasets; returns (ids, {file: (reason, why)}) of bad ones."""
+        restored: builtins.list[str] = []
+        bad: dict[str, tuple[str, str]] = {}
+        if self.persist_dir is None or not self.persist_dir.is_dir():
+            return restored, bad
+        for path in sorted(self.persist_dir.glob(f"*{SUFFIX}")):
+            try:
+                dataset = self._read(path)
+                with self._lock:
+                    if self.bytes_held + dataset.nbytes > self.max_bytes:
+                        raise ResourceExhausted(
+                            f"dataset file {path}: {dataset.nbytes} bytes do not fit the limit "
+                            f"(max_dataset_mb) beside the {self.bytes_held} bytes restored")
+                    self._datasets[dataset.id] = dataset
+                restored.append(dataset.id)
+            except ResourceExhausted as exc:
+                bad[path.name] = ("over_limit", str(exc))
+            except _BadDataset as exc:
+                bad[path.name] = (exc.reason, str(exc))
+        self.hooks.dataset_bytes(self.bytes_held)
+        return restored, bad
+
+    def _read(self, path: Path) -> Dataset:
+        where = f"dataset file {path}"
+        name = path.name.removesuffix(SUFFIX)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("gradserve")
+                meta = json.loads(raw) if raw is not None else None
+                if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                    raise _BadDataset("invalid", f"{where}: not a gradserve dataset")
+                nbytes = int(np.prod(f.get_slice("data").get_shape()))
+                if nbytes > self.max_bytes:  # before reading it into memory
+                    raise ResourceExhausted(f"{where}: {nbytes} bytes exceed the limit "
+                                            f"(max_dataset_mb) of {self.max_bytes} bytes")
+                buf = f.get_tensor("data")
+        except (_BadDataset, ResourceExhausted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            raise _BadDataset("unreadable", f"{where}: not a readable safetensors file "
+                                            f"({exc})") from None
+        try:
+            return _dataset_from(name, meta, buf)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise _BadDataset("invalid", f"{where}: {exc}") from None
+
+
+
+class _BadDataset(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _dataset_from(name: str, meta: dict[str, Any], buf: torch.Tensor) -> Dataset:
+    """A Dataset over a stored buffer; every field checked (ValueError/KeyError/TypeError)."""
+    if meta["dataset_id"] != name or not is_id(name):
+        raise ValueError(f"field dataset_id: {meta['dataset_id']!r} does not match the file name")
+    layouts = []
+    for i, item in enumerate(meta["layouts"]):
+        dtype = _DTYPES.get(item["dtype"])
+        shape = item["shape"]
+        if dtype is None or not isinstance(shape, list) or not shape or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"field layouts[{i}]: not a dtype and shape")
+        layouts.append(TensorLayout(dtype, tuple(shape)))
+    n_inputs, has_target = meta["inputs"], meta["has_target"]
+    if (not isinstance(n_inputs, int) or not isinstance(has_target, bool) or n_inputs < 1
+            or n_inputs + has_target != len(layouts)):
+        raise ValueError("fields inputs/has_target do not match the layouts")
+    if len({lay.shape[0] for lay in layouts}) != 1:
+        raise ValueError("field layouts: tensors disagree on the number of samples")
+    offsets, total = _offsets(layouts)
+    if buf.dtype != torch.uint8 or buf.dim() != 1 or buf.numel() != total:
+        raise ValueError(f"tensor data: {buf.numel()} bytes, the layouts need {total}")
+    tensors = [buf[o:o + lay.nbytes].view(lay.dtype).reshape(lay.shape)
+               for o, lay in zip(offsets, layouts)]
+    data = TrainData(tensors[:n_inputs], tensors[n_inputs] if has_target else None)
+    created = meta.get("created_unix", time.time())
+    return Dataset(name, data, layouts, has_target, total,
+                   float(created) if isinstance(created, (int, float)) else time.time())

@@ -29,3 +29,10 @@ class FailedPrecondition(GradServeFault):
 
 class Aborted(GradServeFault):
     """The operation was stopped (server shutting down) and may be retried."""
+
+
+class StartupError(Exception):
+    """The server cannot start: one line naming the flag, the path and the reason (exit 1).
+
+    Not a GradServeFault: it never reaches a caller; cli.py prints it and exits.
+    """

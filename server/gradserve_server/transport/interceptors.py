@@ -183,7 +183,8 @@ SCOPES: dict[str, str] = {
                      "ListCheckpoints", "RegisterSharedMemory", "UnregisterSharedMemory"), "read"),
     **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
                      "UploadDataset", "DeleteDataset"), "train"),
-    **dict.fromkeys(("CreateModel", "DeleteModel", "SaveCheckpoint", "LoadCheckpoint"), "admin"),
+    **dict.fromkeys(("CreateModel", "DeleteModel", "SaveCheckpoint", "LoadCheckpoint",
+                     "DeleteCheckpoint"), "admin"),
 }
 SERVICE_PREFIX = "/gradserve.v1.GradientService/"
 

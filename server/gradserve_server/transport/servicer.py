@@ -74,7 +74,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                                              for x in self.core.models.list()])
 
     def DeleteModel(self, request: pb.DeleteModelRequest, context: Any) -> pb.DeleteModelResponse:
-        self.core.models.delete(request.model_id)
+        self.core.delete_model(request.model_id)
         return pb.DeleteModelResponse()
 
     # ------------------------------------------------------------------ gradients
@@ -247,7 +247,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return pb.ListCheckpointsResponse(
             checkpoints=[_checkpoint_info(c) for c in self.core.list_checkpoints()])
 
+    def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, context: Any
+                         ) -> pb.DeleteCheckpointResponse:
+        self.core.delete_checkpoint(request.name)
+        return pb.DeleteCheckpointResponse()
+
 
 def _checkpoint_info(c: Any) -> pb.CheckpointInfo:
     return pb.CheckpointInfo(name=c.name, model_id=c.model_id, step=c.step,
-                             num_bytes=c.num_bytes, created_unix=c.created_unix)
+                             num_bytes=c.num_bytes, created_unix=c.created_unix, error=c.error)

@@ -619,18 +619,20 @@ class SaveCheckpointRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class CheckpointInfo(_message.Message):
-    __slots__ = ("name", "model_id", "step", "num_bytes", "created_unix")
+    __slots__ = ("name", "model_id", "step", "num_bytes", "created_unix", "error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_id: str
     step: int
     num_bytes: int
     created_unix: float
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., step: _Optional[int] = ..., num_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ...) -> None: ...
+    error: str
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., step: _Optional[int] = ..., num_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LoadCheckpointRequest(_message.Message):
     __slots__ = ("name", "model_id")
@@ -649,6 +651,16 @@ class ListCheckpointsResponse(_message.Message):
     CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     checkpoints: _containers.RepeatedCompositeFieldContainer[CheckpointInfo]
     def __init__(self, checkpoints: _Optional[_Iterable[_Union[CheckpointInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteCheckpointRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteCheckpointResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("name", "size", "nonce")

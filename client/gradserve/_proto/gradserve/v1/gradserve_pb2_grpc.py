@@ -125,6 +125,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/gradserve.v1.GradientService/DeleteCheckpoint',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
         self.RegisterSharedMemory = channel.unary_unary(
                 '/gradserve.v1.GradientService/RegisterSharedMemory',
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.RegisterSharedMemoryRequest.SerializeToString,
@@ -163,7 +168,9 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModel(self, request, context):
-        """Deletes a model with its optimizer state and retained graphs.
+        """Deletes a model with its optimizer state and retained graphs, and its own checkpoint (the
+        one named after it, which the server restores at start): a deleted model stays deleted.
+        Checkpoints saved under other names are kept (DeleteCheckpoint removes them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -251,21 +258,31 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SaveCheckpoint(self, request, context):
-        """Writes a model's spec, weights, optimizer/scheduler state and step to the state dir.
+        """Writes everything a model is to the state dir: spec, parameters, buffers, gradients,
+        optimizer state, step, its random stream and its request-id window. RESOURCE_EXHAUSTED when
+        the disk is full (the previous checkpoint of that name stays intact).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LoadCheckpoint(self, request, context):
-        """Restores a model from a checkpoint (creating it if needed).
+        """Restores a model from a checkpoint (creating it if needed). FAILED_PRECONDITION naming the
+        file and the field when the file is damaged or does not fit its spec.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListCheckpoints(self, request, context):
-        """Lists checkpoints in the state dir.
+        """Lists checkpoints in the state dir; a damaged file is listed with its error set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """Deletes a checkpoint from the state dir. NOT_FOUND if there is none of that name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -381,6 +398,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.ListCheckpoints,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.DeleteCheckpointResponse.SerializeToString,
             ),
             'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterSharedMemory,
@@ -880,6 +902,33 @@ class GradientService:
             '/gradserve.v1.GradientService/ListCheckpoints',
             gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/DeleteCheckpoint',
+            gradserve_dot_v1_dot_gradserve__pb2.DeleteCheckpointRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.DeleteCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
