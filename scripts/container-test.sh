@@ -37,7 +37,7 @@ build)
         -f deploy/Dockerfile -t "$IMAGE" .
     ;;
 run)
-    podman run -d --name "$NAME" --runtime runc --read-only \
+    podman run -d --name "$NAME" --runtime runc --read-only --tmpfs /tmp \
         --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 \
         -p 127.0.0.1:"$GRPC_PORT":50051 -p 127.0.0.1:"$METRICS_PORT":9464 \
         -v "$VOLUME":/var/lib/gradserve \

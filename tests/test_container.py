@@ -159,3 +159,16 @@ def test_image_serves_trains_and_drains_on_sigterm(start: Callable[[str], Contai
     with _ready(second) as client:
         assert client.model("container-linreg").info.step == steps
     assert second.stop() == 0, second.logs()
+
+
+def test_read_only_image_without_a_writable_tmp_refuses_to_start(image: str) -> None:
+    """Docker's --read-only has no /tmp: the only writable place left would be the state volume."""
+    volume = f"gradserve-test-{uuid.uuid4().hex[:8]}"
+    try:
+        proc = _podman("run", "--rm", "--runtime", "runc", "--read-only", "--read-only-tmpfs=false",
+                       "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
+                       "-v", f"{volume}:/var/lib/gradserve", image, timeout=180)
+    finally:
+        _podman("volume", "rm", "-f", volume)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "gradserve-server: TMPDIR:" in proc.stderr and "--tmpfs /tmp" in proc.stderr
