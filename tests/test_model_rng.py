@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from gradserve import Client
 from gradserve_server.app import GradServer
@@ -138,3 +139,32 @@ def test_models_without_a_seed_are_not_all_the_same(client: Client) -> None:
     a = client.create_model(layers=DROPOUT).parameters()
     b = client.create_model(layers=DROPOUT).parameters()
     assert not torch.equal(a["0.weight"], b["0.weight"])
+
+
+@pytest.mark.gpu
+def test_cuda_models_draw_what_local_cuda_code_draws(make_server: Callable[..., GradServer],
+                                                      tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    server = make_server(device=str(dev), state_dir=str(tmp_path))
+    x = torch.ones(16, 4)
+    torch.manual_seed(99)
+    cpu_state, cuda_state = torch.get_rng_state(), torch.cuda.get_rng_state(dev)
+    with Client(f"127.0.0.1:{server.port}", timeout=60) as client:
+        a = client.create_model(layers=DROPOUT, seed=0, model_id="a")
+        b = client.create_model(layers=DROPOUT, seed=0)
+        outs = [torch.as_tensor(a.forward(x)) for _ in range(3)]
+        assert all(torch.equal(o, torch.as_tensor(b.forward(x))) for o in outs)
+        a.save_checkpoint("a-3")
+        c = client.load_checkpoint("a-3", model_id="c")
+        nxt = torch.as_tensor(c.forward(x))
+        assert torch.equal(nxt, torch.as_tensor(a.forward(x)))
+    with torch.random.fork_rng(devices=[dev]):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1)).to(dev)
+        with torch.no_grad():
+            local = [net(x.to(dev)).cpu() for _ in range(4)]
+    assert all(torch.equal(o, lo) for o, lo in zip([*outs, nxt], local))
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert torch.equal(torch.cuda.get_rng_state(dev), cuda_state)

@@ -112,8 +112,8 @@ def test_window_keeps_replies_across_a_restart(make_server: Callable[..., GradSe
     server = make_server(state_dir=str(tmp_path))
     x, y = torch.ones(3, 2), torch.zeros(3, 1)
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
-        m = client.create_model(layers=LINEAR, loss="mse", optimizer={"type": "sgd", "lr": 0.1},
-                                seed=0, model_id="m")
+        client.create_model(layers=LINEAR, loss="mse", optimizer={"type": "sgd", "lr": 0.1},
+                            seed=0, model_id="m")
         req = _backward("m", "b-1", x, y, return_grads=True, return_input_grads=True,
                         return_output=True, step=True)
         first = client._stub.Backward(req)
