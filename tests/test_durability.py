@@ -321,6 +321,13 @@ def _good_and_bad_state(make_server: Any, state: Path) -> None:
     _rewrite(state / "opt.safetensors", lambda meta, t: meta["optimizer"]["param_groups"][0].update(
         lr="fast"))
 
+    def bad_momentum(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        meta["model_id"] = "momentum"
+        tensors["optimizer.0.momentum_buffer"] = torch.zeros(7)  # loads, then fails at Step
+
+    (state / "momentum.safetensors").write_bytes((state / "good.safetensors").read_bytes())
+    _rewrite(state / "momentum.safetensors", bad_momentum)
+
 
 def test_bad_checkpoint_files_are_quarantined_and_the_rest_restored(make_server: Any,
                                                                     tmp_path: Path) -> None:
@@ -335,7 +342,7 @@ def test_bad_checkpoint_files_are_quarantined_and_the_rest_restored(make_server:
     reasons = _quarantined(state)
     assert set(reasons) == {"empty.safetensors", "truncated.safetensors", "notjson.safetensors",
                             "shape.safetensors", "badid.safetensors", "big.safetensors",
-                            "opt.safetensors"}
+                            "opt.safetensors", "momentum.safetensors"}
     assert reasons["empty.safetensors"].startswith("unreadable:")
     assert reasons["truncated.safetensors"].startswith("unreadable:")
     assert reasons["notjson.safetensors"].startswith("invalid:") and "format" in \
@@ -348,10 +355,12 @@ def test_bad_checkpoint_files_are_quarantined_and_the_rest_restored(make_server:
         reasons["big.safetensors"]
     assert reasons["opt.safetensors"].startswith("mismatch:") and "lr" in \
         reasons["opt.safetensors"]
+    assert reasons["momentum.safetensors"].startswith("mismatch:") and "momentum_buffer" in \
+        reasons["momentum.safetensors"]
     metric = "gradserve_checkpoints_quarantined_total"
     assert _metric(server, metric, reason="unreadable") == 2
     assert _metric(server, metric, reason="invalid") == 2
-    assert _metric(server, metric, reason="mismatch") == 2
+    assert _metric(server, metric, reason="mismatch") == 3
     assert _metric(server, metric, reason="over_limit") == 1
 
 

@@ -20,6 +20,7 @@ import pytest
 import torch
 from gradserve import Client, GradServeError, NotFoundError
 from gradserve_server.app import SERVICE, GradServer
+from gradserve_server.core.service import CheckpointResult
 from gradserve_server.logs import JsonFormatter, TextFormatter
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -56,7 +57,7 @@ def test_not_serving_while_draining_a_running_train(
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service=""), timeout=60)
         assert next(watch).status == SERVING
-        drained: list[int] = []
+        drained: list[CheckpointResult] = []
         drain = threading.Thread(target=lambda: drained.append(server.drain()))
         drain.start()
         try:
@@ -69,7 +70,8 @@ def test_not_serving_while_draining_a_running_train(
         assert events[-1].summary is not None
         assert events[-1].summary.stop_reason == "shutdown"
         drain.join(60)
-        assert not drain.is_alive() and drained == [0]
+        assert not drain.is_alive() and len(drained) == 1
+        assert drained[0].ok and drained[0].saved == []  # no state dir: nothing to save
         assert server.metrics.registry.get_sample_value(
             "gradserve_train_runs_total", {"stop_reason": "shutdown"}) == 1
         with pytest.raises(GradServeError):  # the server is gone: nothing answers any more

@@ -328,6 +328,14 @@ class CheckpointStore:
                 model.optimizer.load_state_dict(_join_optimizer(opt, meta["optimizer"]))
             except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
                 raise bad("optimizer", f"the state does not fit the optimizer: {exc}") from None
+            # load_state_dict does not look at shapes: a wrong one would fail at the next Step.
+            for p, entry in model.optimizer.state.items():
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor) and value.dim() and (
+                            value.shape != p.shape or value.dtype != p.dtype):
+                        raise bad(f"optimizer state {key!r}",
+                                  f"{value.dtype} {list(value.shape)} does not fit its "
+                                  f"parameter's {p.dtype} {list(p.shape)}")
         model.step_count = int(meta["step"])
         if rng_cpu is not None:
             model.rng.cpu = rng_cpu.clone()
