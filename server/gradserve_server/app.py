@@ -16,6 +16,7 @@ from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from .core.service import Core
 from .metrics import Metrics
 from .settings import Settings
+from .tokens import load_tokens
 from .transport.fastpath import add_servicer
 from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
 from .transport.servicer import GradientServicer
@@ -23,7 +24,6 @@ from .transport.shm import SharedMemoryRegistry
 
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
-SCOPES_ALL = frozenset({"read", "train", "admin"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,25 +44,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cpu":
         raise SystemExit(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
-
-
-def load_tokens(path: str) -> dict[str, frozenset[str]]:
-    """'token [scope,scope]' per line; no scopes means all; # starts a comment."""
-    tokens: dict[str, frozenset[str]] = {}
-    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split(None, 1)
-        scopes = frozenset(s.strip() for s in parts[1].split(",")) if len(parts) > 1 else SCOPES_ALL
-        unknown = scopes - SCOPES_ALL
-        if unknown:
-            raise SystemExit(f"{path}:{number}: unknown scope(s) {sorted(unknown)}; "
-                             f"expected {sorted(SCOPES_ALL)}")
-        tokens[parts[0]] = scopes
-    if not tokens:
-        raise SystemExit(f"{path}: no tokens")
-    return tokens
 
 
 class GradServer:
