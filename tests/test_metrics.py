@@ -47,6 +47,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "gradserve_train_runs_active": ("gauge", set()),
     "gradserve_train_runs": ("counter", {"stop_reason"}),
     "gradserve_dataset_bytes": ("gauge", set()),
+    "gradserve_memory_budget_bytes": ("gauge", {"kind"}),
+    "gradserve_memory_budget_limit_bytes": ("gauge", set()),
     "gradserve_device_memory_bytes": ("gauge", {"device", "kind"}),
     "gradserve_build_info": ("gauge", {"version", "torch"}),
     # the default process collectors

@@ -109,7 +109,8 @@ class GradServer:
         log.info("gradserve serving", extra={"fields": {
             "grpc": f"{self.settings.host}:{self.port}", "metrics_port": self.metrics_port,
             "device": str(self.device), "tls": bool(self.settings.tls_cert),
-            "auth": bool(self.settings.auth_token_file)}})
+            "auth": bool(self.settings.auth_token_file),
+            "memory_budget": self.core.describe_budget()}})
 
     def drain(self, grace: float | None = None) -> int:
         """Graceful stop: NOT_SERVING, stop Train loops at a step boundary, checkpoint, close."""

@@ -22,6 +22,23 @@ OPTIMIZERS: dict[str, tuple[type[optim.Optimizer], frozenset[str]]] = {
 DEFAULT = {"type": "sgd", "lr": 0.001}
 
 
+# Tensors of a parameter's size each optimizer keeps per parameter, and the options that add
+# one more: the memory budget's estimate of optimizer state (Adam: two moments).
+STATE_TENSORS: dict[str, tuple[int, frozenset[str]]] = {
+    "sgd": (0, frozenset({"momentum"})),
+    "adam": (2, frozenset({"amsgrad"})),
+    "adamw": (2, frozenset({"amsgrad"})),
+    "rmsprop": (1, frozenset({"momentum", "centered"})),
+    "adagrad": (1, frozenset()),
+}
+
+
+def state_factor(name: str, params: Mapping[str, Any]) -> int:
+    """How many parameter-sized state tensors the optimizer will hold (STATE_TENSORS)."""
+    base, options = STATE_TENSORS.get(name or "sgd", (2, frozenset()))
+    return base + sum(1 for key in options if params.get(key))
+
+
 def build_optimizer(
     name: str, params: Mapping[str, Any], parameters: Iterable[torch.nn.Parameter]
 ) -> optim.Optimizer | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .budget import MemoryBudget
 from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .ids import check_id
@@ -66,9 +67,10 @@ class Dataset:
 
 
 class DatasetStore:
-    def __init__(self, max_bytes: int, hooks: Hooks) -> None:
+    def __init__(self, max_bytes: int, hooks: Hooks, budget: MemoryBudget | None = None) -> None:
         self.max_bytes = max_bytes
         self.hooks = hooks
+        self.budget = budget if budget is not None else MemoryBudget()
         self._datasets: dict[str, Dataset] = {}
         self._reserved = 0
         self._lock = threading.Lock()
@@ -101,7 +103,10 @@ class DatasetStore:
                     f"header: the dataset needs {total} bytes; {self.bytes_held + self._reserved} "
                     f"are held and the limit (max_dataset_mb) is "
                     f"{self.max_bytes / (1024 * 1024):g} MiB ({self.max_bytes} bytes)")
+            # Charged before the buffer exists; a failed upload gives it back below.
+            self.budget.charge("datasets", total, lambda: f"dataset {dataset_id!r}")
             self._reserved += total
+        stored = False
         try:
             buf = torch.empty(total, dtype=torch.uint8)
             view = buf.numpy()
@@ -131,9 +136,12 @@ class DatasetStore:
             dataset = Dataset(dataset_id, data_, layouts, target is not None, total)
             with self._lock:
                 self._datasets[dataset_id] = dataset
+            stored = True
         finally:
             with self._lock:
                 self._reserved -= total
+            if not stored:
+                self.budget.release("datasets", total)
         self.hooks.dataset_bytes(self.bytes_held)
         return dataset
 
@@ -149,7 +157,9 @@ class DatasetStore:
 
     def delete(self, dataset_id: str) -> None:
         with self._lock:
-            if self._datasets.pop(dataset_id, None) is None:
+            dataset = self._datasets.pop(dataset_id, None)
+            if dataset is None:
                 raise NotFound(f"dataset_id: no dataset {dataset_id!r}")
+            self.budget.release("datasets", dataset.nbytes)
         self.hooks.dataset_bytes(self.bytes_held)
 

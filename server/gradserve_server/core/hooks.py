@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 
 class Hooks:
     """No-op observer. Phases: forward, backward, optimizer_step, train_step."""
@@ -17,3 +19,5 @@ class Hooks:
     def train_runs(self, delta: int) -> None: ...
     def train_ended(self, stop_reason: str) -> None: ...
     def dataset_bytes(self, total: int) -> None: ...
+    def memory_budget(self, limit: int, held: Callable[[], Mapping[str, int]]) -> None:
+        """Once, when the budget is made: its limit, and how to read its holdings by kind."""

@@ -8,9 +8,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .budget import MemoryBudget, fmt_bytes
 from .checkpoints import CheckpointInfo, CheckpointStore
 from .datasets import DatasetStore, TrainData
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, ResourceExhausted
 from .hooks import Hooks
 from .limits import Limits
 from .model import Model
@@ -26,12 +27,33 @@ class Core:
         self.device = device
         self.limits = limits
         self.hooks = hooks
-        self.models = ModelStore(device, limits, hooks)
-        self.datasets = DatasetStore(limits.max_dataset_bytes, hooks)
+        self.budget = MemoryBudget(limits.max_memory_bytes, hooks,
+                                   max_call=limits.max_compute_bytes)
+        self.models = ModelStore(device, limits, hooks, self.budget)
+        self.datasets = DatasetStore(limits.max_dataset_bytes, hooks, self.budget)
         self.trainer = Trainer(limits, hooks)
         self.checkpoints = CheckpointStore(state_dir)
         self.autosave_steps = autosave_steps
         self.autosave_seconds = autosave_seconds
+
+    def describe_budget(self) -> str:
+        """'17.6 GiB (75% of 23.5 GiB, physical memory)': for the start-up log line."""
+        if not self.limits.max_memory_bytes:
+            return "none"
+        return f"{fmt_bytes(self.limits.max_memory_bytes)} ({self.limits.memory_source})"
+
+    def check_request(self, nbytes: int) -> None:
+        """Refuse a request over --max-request-mb, or one the memory budget has no room for.
+
+        The transport calls this with the request's size before the core works on it; the core
+        then charges the request's tensors to the budget while a call holds them.
+        """
+        limit = self.limits.max_request_bytes
+        if nbytes > limit:
+            raise ResourceExhausted(f"the request holds {nbytes} bytes; the limit "
+                                    f"(max_request_mb) is {limit // (1024 * 1024)} MiB")
+        if nbytes > self.budget.free:
+            raise self.budget.refusal(nbytes, "the request")
 
     # ---------------------------------------------------------------- training with autosave
 
@@ -97,9 +119,13 @@ class Core:
         if existing is not None and existing.training_run is not None:
             raise FailedPrecondition(f"model {target!r} is training; cancel the run first")
         spec = self.checkpoints.spec_of(meta, tensors)
-        model = Model(target, spec, self.device, self.limits, self.hooks)
-        self.checkpoints.restore(model, meta, tensors)
-        self.models.put(model)
+        model = Model(target, spec, self.device, self.limits, self.hooks, self.budget)
+        try:
+            self.checkpoints.restore(model, meta, tensors)
+            self.models.put(model)
+        except BaseException:
+            model.close()  # never stored: give its memory budget back
+            raise
         return model
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
