@@ -79,6 +79,12 @@ class _PeakMode(TorchDispatchMode):
         self.live = 0
         self.peak = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing here is compiled; the default wraps __torch_dispatch__ in dynamo.disable,
+        # whose first call imports torch._dynamo (over a second, on a server's first request).
+        return False
+
     def _freed(self, nbytes: int) -> None:
         self.live -= nbytes
 
@@ -95,6 +101,15 @@ class _PeakMode(TorchDispatchMode):
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(storage, self._freed, nbytes)
         return out
+
+
+def warm_up() -> None:
+    """Run one tiny estimate now: the first meta run imports torch._dynamo (1-3 s here, via
+    torch's own meta kernels), which belongs to start-up, not to a client's first call."""
+    twin = meta_twin(nn.Linear(1, 1))
+    if twin is not None:
+        run(twin, [(torch.Size([1, 1]), torch.float32, False)], BACKWARD, False,
+            lambda out, _target: out.sum(), None)
 
 
 @dataclass(frozen=True)
@@ -139,8 +154,9 @@ def run(twin: nn.Module, inputs: Sequence[tuple[torch.Size, torch.dtype, bool]],
         target: tuple[torch.Size, torch.dtype] | None) -> Estimate | None:
     """Run one call on meta tensors: forward (no_grad), retain (keep the graph) or backward.
 
-    None when the model cannot run on meta tensors or rejects these inputs (the real call then
-    reports the problem in its own words).
+    If the run fails part way (inputs of the wrong shape, a loss that refuses the output, an
+    operator without a meta kernel), the estimate is what was allocated until then: the real
+    call fails at the same point having allocated as much (the loss after a huge forward).
     """
     twin.train(not eval_mode)
     xs = [torch.empty(shape, dtype=dtype, device="meta").requires_grad_(
@@ -148,6 +164,7 @@ def run(twin: nn.Module, inputs: Sequence[tuple[torch.Size, torch.dtype, bool]],
     exclude = {storage_key(t) for t in (*twin.parameters(), *twin.buffers())}
     saved = SavedBytes(exclude | {storage_key(x) for x in xs})
     mode = _PeakMode()
+    output = kept = 0
     try:
         with mode, torch.set_grad_enabled(phase != FORWARD), saved.hooks():
             out = twin(*xs)
@@ -162,8 +179,8 @@ def run(twin: nn.Module, inputs: Sequence[tuple[torch.Size, torch.dtype, bool]],
                     value.backward()
             kept = saved.nbytes + (0 if storage_key(out) in saved.seen else output)
     except Exception as exc:  # noqa: BLE001 - shape errors, ops without meta kernels
-        log.debug("memory pre-check: no estimate (%s: %s)", type(exc).__name__, exc)
-        return None
+        log.debug("memory pre-check: partial estimate (%s: %s)", type(exc).__name__, exc)
+        kept = saved.nbytes + output
     finally:
         twin.train(True)
     return Estimate(peak=mode.peak, saved=kept, output=output)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from . import estimate
 from .budget import MemoryBudget, fmt_bytes
 from .checkpoints import CheckpointInfo, CheckpointStore
 from .datasets import DatasetStore, TrainData
@@ -29,6 +30,7 @@ class Core:
         self.hooks = hooks
         self.budget = MemoryBudget(limits.max_memory_bytes, hooks,
                                    max_call=limits.max_compute_bytes)
+        estimate.warm_up()
         self.models = ModelStore(device, limits, hooks, self.budget)
         self.datasets = DatasetStore(limits.max_dataset_bytes, hooks, self.budget)
         self.trainer = Trainer(limits, hooks)
