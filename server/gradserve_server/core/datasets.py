@@ -18,6 +18,9 @@ from .hooks import Hooks
 from .ids import check_id
 
 _ALIGN = 8  # each tensor starts on an 8-byte boundary so that dtype views are legal
+# A header's tensors: torch's limit on dimensions, and elements far beyond any memory.
+MAX_DIMS = 64
+MAX_ELEMENTS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,13 @@ class DatasetStore:
         layouts = [*inputs, *([target] if target is not None else [])]
         if not inputs:
             raise InvalidArgument("header.inputs: declare at least one input tensor")
+        names = [f"header.inputs[{i}]" for i in range(len(inputs))] + ["header.target"]
+        for name, layout in zip(names, layouts):
+            if len(layout.shape) > MAX_DIMS or any(d < 0 for d in layout.shape) or math.prod(
+                    max(d, 1) for d in layout.shape) > MAX_ELEMENTS:
+                raise InvalidArgument(f"{name}.shape: {list(layout.shape)[:MAX_DIMS + 1]} is not "
+                                      f"a shape the server holds (at most {MAX_DIMS} dimensions, "
+                                      f"none negative, {MAX_ELEMENTS} elements)")
         offsets, total = [], 0
         for layout in layouts:
             if not layout.shape:
