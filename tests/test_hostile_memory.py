@@ -22,7 +22,12 @@ from typing import Any
 import pytest
 import torch
 from conftest import ServerProcess
-from gradserve import Client, FailedPreconditionError, ResourceExhaustedError
+from gradserve import (
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from gradserve_server.core.budget import SMALL_BYTES, MemoryBudget
 from gradserve_server.core.errors import ResourceExhausted
 
@@ -312,3 +317,35 @@ def test_budget_reservations_are_all_or_nothing_and_given_back() -> None:
     assert budget.try_charge("id_cache", MIB) and not budget.try_charge("id_cache", 1)
     budget.release("id_cache", MIB)
     assert budget.free == MIB
+
+
+def test_client_fails_calls_in_every_way_and_the_budget_gets_it_all_back(
+        make_server: Any) -> None:
+    """Refused, failing and cancelled calls give back every reservation: after them the budget
+    holds exactly the model's own bytes again (nothing in requests, compute or graphs)."""
+    server = make_server(max_memory_mb=64)
+    budget = server.core.budget
+    layers = [{"type": "Linear", "in_features": 4, "out_features": 4096}, {"type": "ReLU"},
+              {"type": "Linear", "in_features": 4096, "out_features": 1}]
+    with Client(f"127.0.0.1:{server.port}", timeout=30, retries=0) as client:
+        m = client.create_model(layers=layers, loss="mse", seed=0)
+        own = budget.held()
+        x, y = torch.ones(64, 4), torch.zeros(64, 1)
+        with pytest.raises(InvalidArgumentError):
+            m.forward(torch.ones(64, 5))                      # wrong shape
+        with pytest.raises(InvalidArgumentError):
+            m.backward(x, torch.zeros(64, 2))                 # wrong target
+        fid = m.forward(x, retain_graph=True).forward_id
+        assert budget.held()["graphs"] > 0
+        with pytest.raises(InvalidArgumentError):
+            m.backward(forward_id=fid, grad_output=torch.ones(3, 3))  # graph taken, then fails
+        with pytest.raises(ResourceExhaustedError):
+            m.forward(torch.ones(10_000, 4))                  # over the budget
+        run = m.train(x.repeat(100, 1), y.repeat(100, 1), epochs=1000, batch_size=64,
+                      log_every_steps=1)
+        next(iter(run))
+        run.cancel()
+        m.wait_idle()
+        m.backward(x, y, step=True)
+        m.parameters()
+        assert budget.held() == own
