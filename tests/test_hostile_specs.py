@@ -33,7 +33,7 @@ from gradserve_server.core.hooks import Hooks
 from gradserve_server.core.limits import Limits
 from gradserve_server.core.model import Model
 from gradserve_server.core.spec import ModelSpec
-from gradserve_server.settings import Settings, env_name
+from gradserve_server.settings import Settings, build_parser, env_name
 from gradserve_server.tokens import SCOPES_ALL, load_tokens
 
 FUZZ = os.environ.get("GRADSERVE_FUZZ", "") == "1"
@@ -236,6 +236,13 @@ def test_every_numeric_flag_states_and_checks_its_range(capsys: Any) -> None:
                 err = capsys.readouterr().err
                 assert f"{_flag(f.name)} (or {env_name(f.name)})" in err, (f.name, err)
         Settings.load([_flag(f.name), str(f.default)], {})  # the default itself is in range
+
+
+def test_help_lists_every_flag_whatever_its_text() -> None:
+    """--help formats every field's help (argparse %-formats it: a bare % once broke it)."""
+    text = build_parser().format_help()
+    for f in fields(Settings):
+        assert _flag(f.name) in text and env_name(f.name) in text
 
 
 # ---------------------------------------------------------------------- token files

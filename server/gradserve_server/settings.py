@@ -119,7 +119,7 @@ class Settings:
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None,
-             environ: Mapping[str, str] | None = None) -> "Settings":
+             environ: Mapping[str, str] | None = None) -> Settings:
         """Parse flags over environment over defaults; argparse exits with usage on bad input."""
         environ = os.environ if environ is None else environ
         parser = build_parser()
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", type=kind, default=None,
             choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} (default: {default!r}; env {env_name(f.name)})",
+            # argparse %-formats help strings: a literal % must be doubled.
+            help=f"{f.metadata['help']} (default: {default!r}; env {env_name(f.name)})"
+            .replace("%", "%%"),
         )
     return parser

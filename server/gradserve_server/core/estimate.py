@@ -5,8 +5,8 @@ microseconds to milliseconds and allocates nothing, whatever the shapes. Every s
 creates is counted while it is alive (a TorchDispatchMode sees each operator's outputs; a
 weakref on the storage sees it freed), which gives the peak; saved_tensors_hooks count what
 autograd keeps for backward. This works for any nn.Module whose operators have meta kernels:
-layers, expressions, plugins, torch.fx GraphModules. A model that cannot run on meta tensors
-(data-dependent shapes, .item()) gets no estimate, and its calls are not pre-checked.
+layers, expressions, plugins, torch.fx GraphModules. A run that stops part way (inputs the
+model refuses, data-dependent shapes, .item()) estimates what was allocated until it stopped.
 """
 
 from __future__ import annotations

@@ -342,13 +342,14 @@ class Model:
         return tuple([(t.shape, dtype if t.is_floating_point() else t.dtype,
                        requires_grad or t.requires_grad) for t in tensors])
 
-    def estimate(self, phase: str, inputs: Sequence[torch.Tensor], eval_mode: bool = False,
+    def estimate_call(self, phase: str, inputs: Sequence[torch.Tensor], eval_mode: bool = False,
                  target: torch.Tensor | None = None, requires_grad: bool = False
                  ) -> estimate.Estimate:
         """What the call allocates, run once per signature on meta tensors (caller holds the lock).
 
-        Repeats cost a dict lookup. A model or input that cannot run on meta tensors gets a
-        zero estimate: the call runs unchecked, and reports its own error if the inputs are bad.
+        Repeats cost a dict lookup. A meta run that stops part way (bad inputs, an operator
+        without a meta kernel) estimates what ran until then; a module that cannot be copied to
+        meta tensors gets a zero estimate (its calls are not pre-checked).
         """
         sig = self._signature(inputs, requires_grad)
         tsig = None if target is None else self._signature((target,))[0][:2]
@@ -378,7 +379,7 @@ class Model:
     def reserve_batch(self, phase: str, inputs: Sequence[torch.Tensor],
                       target: torch.Tensor | None, call: str, extra: int = 0) -> Reservation:
         """estimate + reserve_call for one batch of a training loop (caller holds the lock)."""
-        est = self.estimate(phase, inputs, phase == estimate.FORWARD, target)
+        est = self.estimate_call(phase, inputs, phase == estimate.FORWARD, target)
         return self.reserve_call(est.peak + extra, call, inputs)
 
     def _state_storages(self) -> set[int]:
@@ -402,7 +403,7 @@ class Model:
             try:
                 if not retain_graph:
                     xs = self.prepare_inputs(inputs)
-                    est = self.estimate(estimate.FORWARD, xs, eval_mode)
+                    est = self.estimate_call(estimate.FORWARD, xs, eval_mode)
                     with self.reserve_call(est.peak, "Forward", xs), torch.no_grad():
                         out = self.run_module(xs)
                         if out.device.type != "cpu":
@@ -413,7 +414,7 @@ class Model:
                     self._timed("forward", start)
                     return out, ""
                 xs = self.prepare_inputs(inputs, requires_grad=True)
-                est = self.estimate(estimate.RETAIN, xs, eval_mode)
+                est = self.estimate_call(estimate.RETAIN, xs, eval_mode)
                 held = nbytes_of(xs)
                 if est.saved + held > self.limits.max_graph_bytes:  # refused before computing
                     raise self._graph_too_big(est.saved + held)
@@ -550,7 +551,7 @@ class Model:
             if grad_output is not None:
                 raise InvalidArgument("grad_output: only valid with forward_id")
             xs = self.prepare_inputs(inputs, requires_grad=return_input_grads)
-            est = self.estimate(estimate.BACKWARD, xs, False, y)
+            est = self.estimate_call(estimate.BACKWARD, xs, False, y)
             copies += ((nbytes_of(xs) if return_input_grads else 0)
                        + (est.output if return_output else 0))
             held.enter_context(self.reserve_call(est.peak + copies, "Backward", xs))

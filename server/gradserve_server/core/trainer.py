@@ -235,13 +235,13 @@ class Trainer:
             batch = first(data) if data is not None else []
             n_in = len(data.inputs) if data is not None else 0
             target = batch[n_in] if len(batch) > n_in else None
-            est = model.estimate(BACKWARD, batch[:n_in], False, target)
+            est = model.estimate_call(BACKWARD, batch[:n_in], False, target)
             # Shuffled batches are gathered copies; the optimizer step has temporaries.
             need = est.peak + nbytes_of(batch) + model.trainable_bytes
             if validation is not None:
                 vbatch = first(validation)
                 n_val = len(validation.inputs)
-                val = model.estimate(FORWARD, vbatch[:n_val], True)
+                val = model.estimate_call(FORWARD, vbatch[:n_val], True)
                 need = max(need, val.peak + nbytes_of(vbatch))
             return model.reserve_call(need, "Train", batch[:n_in])
 
