@@ -2,7 +2,7 @@
 code and a message naming the field, never INTERNAL, and the server keeps answering.
 
 The catalog sweep at the end tries hostile values for every argument of every layer, loss,
-optimizer and the example plugin at the core (a GradServeFault is a proper status on the wire;
+optimizer, schedule and the example plugin at the core (a GradServeFault is a proper status on the wire;
 anything else would be INTERNAL). GRADSERVE_FUZZ=1 widens it to more values and inputs.
 """
 
@@ -28,6 +28,7 @@ from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve_server.catalog.layers import LAYERS
 from gradserve_server.catalog.losses import LOSSES
 from gradserve_server.catalog.optimizers import OPTIMIZERS
+from gradserve_server.catalog.schedules import SCHEDULES, build_schedule
 from gradserve_server.core.errors import GradServeFault
 from gradserve_server.core.hooks import Hooks
 from gradserve_server.core.limits import Limits
@@ -381,9 +382,30 @@ def _sweep_training() -> list[str]:
     return found
 
 
+def _sweep_schedules() -> list[str]:
+    found = []
+    for kind, (_, names) in sorted(SCHEDULES.items()):
+        for arg in sorted(names):
+            for value in HOSTILE:
+                optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+
+                def steps(opt: torch.optim.Optimizer = optimizer, k: str = kind,
+                          params: dict[str, Any] = {arg: value}) -> None:  # noqa: B006
+                    schedule = build_schedule(opt, k, params, 2, 0.5, 10)
+                    for _ in range(12):  # through warm-up and past the schedule's end
+                        opt.step()
+                        if schedule is not None:
+                            schedule.step()
+
+                error = _attempt(steps)[1]
+                if error:
+                    found.append(f"schedule {kind}.{arg}={value!r}: {error}")
+    return found
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 def test_catalog_sweep_finds_no_internal_error() -> None:
-    """Every layer argument, loss and optimizer option and mlp plugin argument, with hostile
-    values, built and run at the core: each outcome is success or a GradServeFault."""
-    found = _sweep_layers() + _sweep_training()
+    """Every layer argument, loss, optimizer and schedule option and mlp plugin argument, with
+    hostile values, built and run at the core: each outcome is success or a GradServeFault."""
+    found = _sweep_layers() + _sweep_training() + _sweep_schedules()
     assert not found, "\n".join(found[:20])
