@@ -49,6 +49,8 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "gradserve_dataset_bytes": ("gauge", set()),
     "gradserve_checkpoint_saves": ("counter", {"trigger", "result"}),
     "gradserve_checkpoints_quarantined": ("counter", {"reason"}),
+    "gradserve_memory_budget_bytes": ("gauge", {"kind"}),
+    "gradserve_memory_budget_limit_bytes": ("gauge", set()),
     "gradserve_device_memory_bytes": ("gauge", {"device", "kind"}),
     "gradserve_build_info": ("gauge", {"version", "torch"}),
     # the default process collectors

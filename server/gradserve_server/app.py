@@ -17,6 +17,7 @@ from .core.service import CheckpointResult, Core
 from .core.statedir import place_scratch
 from .metrics import Metrics
 from .settings import Settings
+from .tokens import load_tokens
 from .transport.fastpath import add_servicer
 from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
 from .transport.servicer import GradientServicer
@@ -24,7 +25,6 @@ from .transport.shm import SharedMemoryRegistry
 
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
-SCOPES_ALL = frozenset({"read", "train", "admin"})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,25 +45,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cpu":
         raise SystemExit(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
-
-
-def load_tokens(path: str) -> dict[str, frozenset[str]]:
-    """'token [scope,scope]' per line; no scopes means all; # starts a comment."""
-    tokens: dict[str, frozenset[str]] = {}
-    for number, raw in enumerate(Path(path).read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split(None, 1)
-        scopes = frozenset(s.strip() for s in parts[1].split(",")) if len(parts) > 1 else SCOPES_ALL
-        unknown = scopes - SCOPES_ALL
-        if unknown:
-            raise SystemExit(f"{path}:{number}: unknown scope(s) {sorted(unknown)}; "
-                             f"expected {sorted(SCOPES_ALL)}")
-        tokens[parts[0]] = scopes
-    if not tokens:
-        raise SystemExit(f"{path}: no tokens")
-    return tokens
 
 
 class GradServer:
@@ -134,7 +115,8 @@ class GradServer:
         log.info("gradserve serving", extra={"fields": {
             "grpc": f"{self.settings.host}:{self.port}", "metrics_port": self.metrics_port,
             "device": str(self.device), "tls": bool(self.settings.tls_cert),
-            "auth": bool(self.settings.auth_token_file)}})
+            "auth": bool(self.settings.auth_token_file),
+            "memory_budget": self.core.describe_budget()}})
 
     def drain(self, grace: float | None = None) -> CheckpointResult:
         """Graceful stop: NOT_SERVING, stop Train loops at a step boundary, checkpoint, close."""

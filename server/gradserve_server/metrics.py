@@ -8,7 +8,7 @@ docs/metrics.md describes each metric; the Grafana dashboard in deploy/grafana q
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from typing import Any
 
@@ -84,6 +84,36 @@ class _DeviceMemory(Collector):
         yield family
 
 
+class _MemoryBudget(Collector):
+    """The memory budget (--max-memory-mb) at scrape time: bytes held by kind, and the limit."""
+
+    def __init__(self) -> None:
+        self.limit = 0
+        self.held: Callable[[], Mapping[str, int]] | None = None
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "gradserve_memory_budget_bytes",
+                "Bytes charged to the server's memory budget by kind: parameters, gradients, "
+                "optimizer, graphs, datasets, id_cache, requests, compute.", labels=["kind"]),
+            GaugeMetricFamily("gradserve_memory_budget_limit_bytes",
+                              "The server's memory budget (--max-memory-mb or its default)."))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        held_family, limit_family = self._families()
+        if self.held is not None:
+            for kind, nbytes in self.held().items():
+                held_family.add_metric([kind], float(nbytes))
+            limit_family.add_metric([], float(self.limit))
+        yield held_family
+        yield limit_family
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -106,6 +136,8 @@ class Metrics(Hooks):
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         r.register(_DeviceMemory(device))
+        self._budget = _MemoryBudget()
+        r.register(self._budget)
         Info("gradserve_build", "Versions of gradserve and torch this server runs.",
              registry=r).info({"version": _version("gradserve"), "torch": _version("torch")})
         self.rpc_seconds = Histogram(
@@ -268,3 +300,6 @@ class Metrics(Hooks):
 
     def checkpoint_quarantined(self, reason: str) -> None:
         self.quarantined.labels(reason).inc()
+    def memory_budget(self, limit: int, held: Callable[[], Mapping[str, int]]) -> None:
+        # Read at scrape time: charging the budget on every call costs no metric update.
+        self._budget.limit, self._budget.held = limit, held

@@ -7,11 +7,13 @@ Precedence: flag > environment > default. Every field is a flag (--max-models) a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from .core.budget import default_budget_bytes
 from .core.limits import Limits
 
 DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -19,45 +21,80 @@ DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A setting. Numeric ones may name their accepted range, which validate() checks for every
+    field alike: min=, max= (inclusive) and above= (exclusive lower bound)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+def accepted_range(meta: Mapping[str, Any], kind: str) -> str:
+    """'an integer in [0, 65535]', 'a number > 0', ...: how messages state a field's range."""
+    noun = "an integer" if kind == "int" else "a number"
+    lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
+    if lo is not None and hi is not None:
+        return f"{noun} in [{lo}, {hi}]"
+    parts = [f">= {lo}" if lo is not None else "", f"> {above}" if above is not None else "",
+             f"<= {hi}" if hi is not None else ""]
+    return " ".join([noun, *(p for p in parts if p)])
+
+
+def in_range(value: Any, meta: Mapping[str, Any]) -> bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
+    return ((lo is None or value >= lo) and (hi is None or value <= hi)
+            and (above is None or value > above))
 
 
 @dataclass(frozen=True)
 class Settings:
     host: str = _opt("127.0.0.1", "address to bind (0.0.0.0 or [::] for all interfaces)")
-    port: int = _opt(50051, "gRPC port (0 picks a free one)")
+    port: int = _opt(50051, "gRPC port (0 picks a free one)", min=0, max=65535)
     metrics_host: str = _opt("", "metrics address (default: same as --host)")
-    metrics_port: int = _opt(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
+    metrics_port: int = _opt(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)",
+                             min=-1, max=65535)
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
-    max_message_mb: int = _opt(512, "largest gRPC message in MiB, both directions")
-    threads: int = _opt(16, "worker threads for RPCs (concurrent calls)")
-    torch_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    # gRPC keeps message sizes in a signed 32-bit int: 2048 MiB would overflow.
+    max_message_mb: int = _opt(512, "largest gRPC message in MiB, both directions",
+                               min=1, max=2047)
+    threads: int = _opt(16, "worker threads for RPCs (concurrent calls)", min=1, max=4096)
+    torch_threads: int = _opt(0, "torch intra-op threads (0: torch's default)", min=0, max=4096)
     log_level: str = _opt("info", "debug, info, warning or error",
                           choices=("debug", "info", "warning", "error"))
     log_format: str = _opt("text", "text or json", choices=("text", "json"))
     # limits
-    max_models: int = _opt(256, "models held at once")
-    max_parameters: int = _opt(500_000_000, "parameter and buffer elements per model")
-    max_request_mb: int = _opt(512, "tensor MiB in one request")
-    max_graphs: int = _opt(64, "retained forward graphs per model")
-    max_graph_mb: int = _opt(1024, "MiB of retained graphs per model")
-    graph_ttl_s: float = _opt(300.0, "seconds an unused retained graph is kept")
-    max_train_runs: int = _opt(8, "concurrent Train/TrainStream runs")
-    max_dataset_mb: int = _opt(8192, "MiB of uploaded datasets, all together")
-    request_id_window: int = _opt(1024, "remembered request ids per model (exactly-once retries)")
+    max_models: int = _opt(256, "models held at once", min=1)
+    max_parameters: int = _opt(500_000_000, "parameter and buffer elements per model", min=1)
+    max_request_mb: int = _opt(512, "tensor MiB in one request", min=1)
+    max_graphs: int = _opt(64, "retained forward graphs per model", min=1)
+    max_graph_mb: int = _opt(1024, "MiB of retained graphs per model (inputs, output and what "
+                             "autograd saves)", min=1)
+    graph_ttl_s: float = _opt(300.0, "seconds an unused retained graph is kept", above=0)
+    max_train_runs: int = _opt(8, "concurrent Train/TrainStream runs (0 refuses them)", min=0)
+    max_dataset_mb: int = _opt(8192, "MiB of uploaded datasets, all together", min=0)
+    request_id_window: int = _opt(1024, "remembered request ids per model (exactly-once retries)",
+                                  min=0)
     request_id_window_mb: int = _opt(16, "MiB of replies kept per model for retries; older "
-                                     "replies are dropped first (their ids stay remembered)")
+                                     "replies are dropped first (their ids stay remembered)",
+                                     min=0)
     max_shm_mb: int = _opt(4096, "MiB of same-host shared memory clients may register at once "
-                           "(0 disables the shared-memory fast path)")
-    shm_ttl_s: float = _opt(300.0, "seconds an unused shared-memory region stays registered")
+                           "(0 disables the shared-memory fast path)", min=0)
+    shm_ttl_s: float = _opt(300.0, "seconds an unused shared-memory region stays registered",
+                            above=0)
+    max_memory_mb: int = _opt(0, "server-wide memory budget in MiB: parameters, gradients, "
+                              "optimizer state, graphs, datasets, request-id cache, requests and "
+                              "computations in flight (0: 75% of the physical or cgroup memory "
+                              "limit, read at start)", min=0)
+    max_compute_mb: int = _opt(0, "MiB one call may allocate for outputs and intermediates, "
+                               "estimated before it runs (0: whatever the budget has free)",
+                               min=0)
     step_buckets: str = _opt(",".join(str(b) for b in DEFAULT_BUCKETS),
                              "step latency histogram buckets in seconds, comma-separated")
     # durability
     state_dir: str = _opt("", "directory for checkpoints; models are restored from it at start")
-    autosave_steps: int = _opt(0, "during Train, checkpoint every N steps (0: off)")
+    autosave_steps: int = _opt(0, "during Train, checkpoint every N steps (0: off)", min=0)
     autosave_seconds: float = _opt(0.0, "every N seconds, checkpoint in the background every "
-                                   "model changed since its last checkpoint (0: off)")
-    grace_seconds: float = _opt(20.0, "on SIGTERM: time to stop loops and checkpoint")
+                                   "model changed since its last checkpoint (0: off)", min=0)
+    grace_seconds: float = _opt(20.0, "on SIGTERM: time to stop loops and checkpoint", min=0)
     persist_datasets: int = _opt(0, "1: write uploaded datasets to --state-dir so that they "
                                  "survive restarts (0: memory only)", choices=(0, 1))
     # security
@@ -68,14 +105,18 @@ class Settings:
 
     @property
     def limits(self) -> Limits:
+        """The core's limits; without --max-memory-mb the budget's default is read now."""
         mib = 1024 * 1024
+        memory, source = ((self.max_memory_mb * mib, "--max-memory-mb") if self.max_memory_mb
+                          else default_budget_bytes())
         return Limits(
             max_models=self.max_models, max_parameters=self.max_parameters,
             max_request_bytes=self.max_request_mb * mib, max_graphs=self.max_graphs,
             max_graph_bytes=self.max_graph_mb * mib, graph_ttl_s=self.graph_ttl_s,
             max_train_runs=self.max_train_runs, max_dataset_bytes=self.max_dataset_mb * mib,
             request_id_window=self.request_id_window,
-            request_id_window_bytes=self.request_id_window_mb * mib,
+            request_id_window_bytes=self.request_id_window_mb * mib, max_memory_bytes=memory,
+            max_compute_bytes=self.max_compute_mb * mib, memory_source=source,
         )
 
     @property
@@ -84,7 +125,7 @@ class Settings:
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None,
-             environ: Mapping[str, str] | None = None) -> "Settings":
+             environ: Mapping[str, str] | None = None) -> Settings:
         """Parse flags over environment over defaults; argparse exits with usage on bad input."""
         environ = os.environ if environ is None else environ
         parser = build_parser()
@@ -103,10 +144,15 @@ class Settings:
         return settings
 
     def validate(self, parser: argparse.ArgumentParser) -> None:
-        if not (0 <= self.port <= 65535) or not (-1 <= self.metrics_port <= 65535):
-            parser.error("ports must be within 0-65535")
-        if self.max_message_mb < 1 or self.threads < 1:
-            parser.error("--max-message-mb and --threads must be >= 1")
+        """Every numeric field against its range (field metadata), then the cross-field rules.
+
+        parser.error prints one line naming the flag, its variable, the value and the range.
+        """
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if str(f.type) in ("int", "float") and not in_range(value, f.metadata):
+                parser.error(f"--{f.name.replace('_', '-')} (or {env_name(f.name)}) {value!r}: "
+                             f"expected {accepted_range(f.metadata, str(f.type))}")
         if bool(self.tls_cert) != bool(self.tls_key):
             parser.error("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -149,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{f.name.replace('_', '-')}", type=kind, default=None,
             choices=f.metadata.get("choices"),
-            help=f"{f.metadata['help']} (default: {default!r}; env {env_name(f.name)})",
+            # argparse %-formats help strings: a literal % must be doubled.
+            help=f"{f.metadata['help']} (default: {default!r}; env {env_name(f.name)})"
+            .replace("%", "%%"),
         )
     return parser

@@ -152,7 +152,7 @@ class _Compiler:
             return self._call(node, depth)
         what = _REFUSED.get(type(node))
         if what is None and isinstance(node, (ast.BinOp, ast.UnaryOp)):
-            what = f"operator {type(getattr(node, 'op')).__name__}"
+            what = f"operator {type(node.op).__name__}"
         raise _fail(f"{what or type(node).__name__} not allowed; use numbers, names, + - * / ** @ "
                     f"and calls of {sorted(FUNCTIONS)}")
 
@@ -227,8 +227,14 @@ def check_name(name: str, what: str) -> None:
     """Input and parameter names: identifiers that are not functions, constants or module attrs."""
     if not name.isidentifier() or name.startswith("_") or len(name) > 64:
         raise InvalidArgument(f"{what}: {name!r} is not a valid name (an identifier, no leading _)")
-    if name in FUNCTIONS or name in CONSTANTS or hasattr(nn.Module, name):
+    if (name in FUNCTIONS or name in CONSTANTS or name in _INSTANCE_ATTRS
+            or hasattr(ExpressionModule, name)):
         raise InvalidArgument(f"{what}: {name!r} is reserved; choose another name")
+
+
+# Attributes every ExpressionModule instance has (a parameter of that name cannot be registered):
+# nn.Module's own (training, ...) and the expression's.
+_INSTANCE_ATTRS = frozenset(vars(nn.Module())) | {"expr", "input_names"}
 
 
 class ExpressionModule(nn.Module):

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..core.errors import InvalidArgument
-from .kwargs import check_kwargs
+from .kwargs import NON_NEGATIVE, POSITIVE, Bound, check_kwargs
 
 # Every class a spec may name; kwargs are checked against each constructor's signature.
 LAYERS: dict[str, type[nn.Module]] = {
@@ -30,6 +30,20 @@ LAYERS: dict[str, type[nn.Module]] = {
         nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
         nn.Softsign, nn.Softmax, nn.LogSoftmax,
     )
+}
+
+# Ranges of layer arguments by name (types come from the constructors' annotations): a size or
+# a stride of 0 or less builds a layer that cannot run, a negative padding or eps computes
+# nonsense.
+_SIZES = ("in_features", "out_features", "in1_features", "in2_features", "in_channels",
+          "out_channels", "num_features", "num_channels", "num_groups", "num_embeddings",
+          "embedding_dim", "num_parameters", "normalized_shape", "kernel_size", "stride",
+          "dilation", "groups", "output_size")
+BOUNDS: dict[str, Bound] = {
+    **dict.fromkeys(_SIZES, POSITIVE),
+    "padding": NON_NEGATIVE, "output_padding": NON_NEGATIVE, "eps": NON_NEGATIVE,
+    "momentum": Bound(lo=0, hi=1), "p": Bound(lo=0, hi=1), "max_norm": Bound(above=0),
+    "norm_type": Bound(above=0), "beta": Bound(above=0),
 }
 
 # Window geometry of convolution and pooling layers. Far larger values describe no real network
@@ -59,7 +73,7 @@ def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
         cls = LAYERS.get(kind)
         if cls is None:
             raise InvalidArgument(f"{what}: unknown layer type; allowed: {sorted(LAYERS)}")
-        kwargs = check_kwargs(cls.__init__, layer.get("kwargs", {}), what)
+        kwargs = check_kwargs(cls.__init__, layer.get("kwargs", {}), what, bounds=BOUNDS)
         _check_window(kwargs, what)
         try:
             modules.append(cls(**kwargs))

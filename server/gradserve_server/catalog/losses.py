@@ -10,10 +10,13 @@ import torch
 from torch import nn
 
 from ..core.errors import InvalidArgument
-from .kwargs import check_kwargs
+from .kwargs import NON_NEGATIVE, Bound, check_kwargs
 
 REDUCTIONS = ("mean", "sum")
-_INTEGER_ARGS = frozenset({"ignore_index"})  # every other allowed argument is any number
+# Ranges by argument (types come from the loss classes' annotations); torch would accept a
+# negative delta here and fail only when computing the loss.
+BOUNDS: dict[str, Bound] = {"delta": Bound(above=0), "beta": NON_NEGATIVE,
+                            "label_smoothing": Bound(lo=0, hi=1)}
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,8 @@ def build_loss(name: str, reduction: str, kwargs: Mapping[str, Any]) -> Loss:
         raise InvalidArgument(
             f"spec.loss.reduction: {reduction!r} not allowed; expected one of {REDUCTIONS}"
         )
-    checked = check_kwargs(entry.cls.__init__, kwargs, f"spec.loss ({name})", allowed=entry.allowed)
-    for key, value in checked.items():  # torch checks their types only when computing a loss
-        kind = int if key in _INTEGER_ARGS else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise InvalidArgument(f"spec.loss ({name}).{key}: expected "
-                                  f"{'an integer' if kind is int else 'a number'}, got {value!r}")
+    checked = check_kwargs(entry.cls.__init__, kwargs, f"spec.loss ({name})",
+                           allowed=entry.allowed, bounds=BOUNDS)
     try:
         module = entry.cls(reduction=reduction, **checked)
     except (TypeError, ValueError) as exc:

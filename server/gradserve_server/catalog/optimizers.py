@@ -9,7 +9,7 @@ import torch
 from torch import optim
 
 from ..core.errors import InvalidArgument
-from .kwargs import check_kwargs
+from .kwargs import NON_NEGATIVE, Bound, check_kwargs
 
 _COMMON = frozenset({"lr", "weight_decay", "maximize"})
 OPTIMIZERS: dict[str, tuple[type[optim.Optimizer], frozenset[str]]] = {
@@ -20,6 +20,29 @@ OPTIMIZERS: dict[str, tuple[type[optim.Optimizer], frozenset[str]]] = {
     "adagrad": (optim.Adagrad, _COMMON | {"lr_decay", "initial_accumulator_value", "eps"}),
 }
 DEFAULT = {"type": "sgd", "lr": 0.001}
+# Ranges by argument (types come from the optimizers' annotations: betas is a pair).
+BOUNDS: dict[str, Bound] = {
+    **dict.fromkeys(("lr", "eps", "weight_decay", "momentum", "alpha", "lr_decay",
+                     "initial_accumulator_value"), NON_NEGATIVE),
+    "betas": Bound(lo=0, below=1), "dampening": Bound(lo=0, hi=1),
+}
+
+
+# Tensors of a parameter's size each optimizer keeps per parameter, and the options that add
+# one more: the memory budget's estimate of optimizer state (Adam: two moments).
+STATE_TENSORS: dict[str, tuple[int, frozenset[str]]] = {
+    "sgd": (0, frozenset({"momentum"})),
+    "adam": (2, frozenset({"amsgrad"})),
+    "adamw": (2, frozenset({"amsgrad"})),
+    "rmsprop": (1, frozenset({"momentum", "centered"})),
+    "adagrad": (1, frozenset()),
+}
+
+
+def state_factor(name: str, params: Mapping[str, Any]) -> int:
+    """How many parameter-sized state tensors the optimizer will hold (STATE_TENSORS)."""
+    base, options = STATE_TENSORS.get(name or "sgd", (2, frozenset()))
+    return base + sum(1 for key in options if params.get(key))
 
 
 def build_optimizer(
@@ -33,14 +56,8 @@ def build_optimizer(
             f"spec.optimizer.type: unknown optimizer {name!r}; allowed: {sorted(OPTIMIZERS)}"
         )
     cls, allowed = entry
-    kwargs = check_kwargs(cls.__init__, params, f"spec.optimizer ({name})", allowed=allowed)
-    for key, value in kwargs.items():
-        if isinstance(value, tuple):
-            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        else:
-            ok = isinstance(value, (int, float))
-        if not ok:
-            raise InvalidArgument(f"spec.optimizer ({name}).{key}: expected a number, got {value!r}")
+    kwargs = check_kwargs(cls.__init__, params, f"spec.optimizer ({name})", allowed=allowed,
+                          bounds=BOUNDS)
     if "betas" in kwargs:
         kwargs["betas"] = tuple(float(b) for b in kwargs["betas"])
     parameters = list(parameters)

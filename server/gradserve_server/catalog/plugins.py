@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -10,10 +11,14 @@ from typing import Any
 from torch import nn
 
 from ..core.errors import InvalidArgument
-from .kwargs import check_kwargs
+from .kwargs import POSITIVE, Bound, check_kwargs
 from .layers import LAYERS
 
 GROUP = "gradserve.models"
+# Ranges of plugin arguments by conventional name (types come from the factory's annotations).
+BOUNDS: dict[str, Bound] = dict.fromkeys(
+    ("in_features", "out_features", "hidden", "in_channels", "out_channels", "num_features",
+     "num_embeddings", "embedding_dim"), POSITIVE)
 
 
 @lru_cache(maxsize=1)
@@ -29,10 +34,13 @@ def build_plugin(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
             f"spec.plugin.name: no plugin {name!r} installed; available: {sorted(eps)}"
         )
     factory: Callable[..., Any] = eps[name].load()
-    checked = check_kwargs(factory, kwargs, f"spec.plugin ({name})")
+    checked = check_kwargs(factory, kwargs, f"spec.plugin ({name})", bounds=BOUNDS)
     try:
         module = factory(**checked)
-    except (TypeError, ValueError) as exc:
+    # Whatever a factory raises on the arguments it was given: torch's RuntimeError for a
+    # negative size, an assertion, an index out of range.
+    except (TypeError, ValueError, RuntimeError, AssertionError, ArithmeticError, LookupError,
+            AttributeError) as exc:
         raise InvalidArgument(f"spec.plugin ({name}): {exc}") from None
     if not isinstance(module, nn.Module):
         raise InvalidArgument(f"spec.plugin ({name}): the factory did not return an nn.Module")
@@ -46,7 +54,7 @@ def mlp(in_features: int, hidden: list[int], out_features: int, activation: str 
         raise ValueError(f"activation must be a torch.nn activation name, got {activation!r}")
     sizes = [in_features, *hidden, out_features]
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(act())

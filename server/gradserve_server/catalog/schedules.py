@@ -24,7 +24,7 @@ SCHEDULES: dict[str, tuple[type[LRScheduler], dict[str, str]]] = {
 }
 
 # torch divides by these when it steps the schedule (a zero fails mid-run, not at construction).
-_AT_LEAST_ONE = frozenset({"step_size", "T_max"})
+_AT_LEAST_ONE = frozenset({"step_size", "T_max", "total_iters"})
 
 
 def _check_numbers(kind: str, kwargs: Mapping[str, Any]) -> None:

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from . import statedir
+from .budget import MemoryBudget
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .hooks import Hooks
 from .ids import check_id, is_id
@@ -267,7 +268,7 @@ class CheckpointStore:
         return _check_meta(raw, where)
 
     def build(self, loaded: Loaded, model_id: str, device: torch.device, limits: Limits,
-              hooks: Hooks) -> Model:
+              hooks: Hooks, budget: MemoryBudget | None = None) -> Model:
         """A new model from a checkpoint. ResourceExhausted (over a limit) passes through."""
         where = f"checkpoint {loaded.name!r} ({loaded.path})"
         try:
@@ -276,12 +277,16 @@ class CheckpointStore:
             raise CheckpointUnusable(INVALID, f"{where}: field spec is not valid: {exc!r}"
                                      ) from None
         try:
-            model = Model(model_id, spec, device, limits, hooks)
+            model = Model(model_id, spec, device, limits, hooks, budget)
         # Types were checked above; values that still break a constructor come from the file.
         except (InvalidArgument, TypeError, ValueError, KeyError, AttributeError) as exc:
             raise CheckpointUnusable(MISMATCH, f"{where}: its spec cannot be built on this "
                                                f"server: {exc}") from None
-        self.restore(model, loaded)
+        try:
+            self.restore(model, loaded)
+        except BaseException:
+            model.close()  # never stored: give its memory budget back
+            raise
         return model
 
     def restore(self, model: Model, loaded: Loaded) -> None:
@@ -343,6 +348,7 @@ class CheckpointStore:
             model.rng.cuda = rng_cuda.clone()
         try:
             model.requests.load(meta.get("requests") or [], tensors, _decode_reply)
+            model._charge_replies()
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise bad("requests", f"the request-id window is not valid: {exc!r}",
                       INVALID) from None

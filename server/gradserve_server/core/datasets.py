@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from . import statedir
+from .budget import MemoryBudget
 from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .ids import check_id, is_id
@@ -27,6 +28,9 @@ FORMAT = "gradserve-dataset-1"
 SUFFIX = ".safetensors"
 # dtypes a stored dataset may name (str(dtype) without "torch."), checked when read back.
 _DTYPES = {str(t).removeprefix("torch."): t for t in statedir.DTYPE_NAMES}
+# A header's tensors: torch's limit on dimensions, and elements far beyond any memory.
+MAX_DIMS = 64
+MAX_ELEMENTS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,12 @@ def _offsets(layouts: list[TensorLayout]) -> tuple[list[int], int]:
 
 
 class DatasetStore:
-    """Datasets by id, in memory; with persist_dir also on disk, so that they survive restarts."""
-
-    def __init__(self, max_bytes: int, hooks: Hooks, persist_dir: Path | None = None) -> None:
+    def __init__(self, max_bytes: int, hooks: Hooks, persist_dir: Path | None = None,
+                 budget: MemoryBudget | None = None) -> None:
         self.max_bytes = max_bytes
         self.hooks = hooks
         self.persist_dir = persist_dir
+        self.budget = budget if budget is not None else MemoryBudget()
         self._datasets: dict[str, Dataset] = {}
         self._reserved = 0
         self._lock = threading.Lock()
@@ -105,6 +109,13 @@ class DatasetStore:
         layouts = [*inputs, *([target] if target is not None else [])]
         if not inputs:
             raise InvalidArgument("header.inputs: declare at least one input tensor")
+        names = [f"header.inputs[{i}]" for i in range(len(inputs))] + ["header.target"]
+        for name, layout in zip(names, layouts):
+            if len(layout.shape) > MAX_DIMS or any(d < 0 for d in layout.shape) or math.prod(
+                    max(d, 1) for d in layout.shape) > MAX_ELEMENTS:
+                raise InvalidArgument(f"{name}.shape: {list(layout.shape)[:MAX_DIMS + 1]} is not "
+                                      f"a shape the server holds (at most {MAX_DIMS} dimensions, "
+                                      f"none negative, {MAX_ELEMENTS} elements)")
         for layout in layouts:
             if not layout.shape:
                 raise InvalidArgument("header: every tensor needs a sample dimension")
@@ -120,7 +131,10 @@ class DatasetStore:
                     f"header: the dataset needs {total} bytes; {self.bytes_held + self._reserved} "
                     f"are held and the limit (max_dataset_mb) is "
                     f"{self.max_bytes / (1024 * 1024):g} MiB ({self.max_bytes} bytes)")
+            # Charged before the buffer exists; a failed upload gives it back below.
+            self.budget.charge("datasets", total, lambda: f"dataset {dataset_id!r}")
             self._reserved += total
+        stored = False
         try:
             buf = torch.empty(total, dtype=torch.uint8)
             view = buf.numpy()
@@ -152,9 +166,12 @@ class DatasetStore:
                 self._write(dataset, buf)
             with self._lock:
                 self._datasets[dataset_id] = dataset
+            stored = True
         finally:
             with self._lock:
                 self._reserved -= total
+            if not stored:
+                self.budget.release("datasets", total)
         self.hooks.dataset_bytes(self.bytes_held)
         return dataset
 
@@ -174,8 +191,10 @@ class DatasetStore:
 
     def delete(self, dataset_id: str) -> None:
         with self._lock:
-            if self._datasets.pop(dataset_id, None) is None:
+            dataset = self._datasets.pop(dataset_id, None)
+            if dataset is None:
                 raise NotFound(f"dataset_id: no dataset {dataset_id!r}")
+            self.budget.release("datasets", dataset.nbytes)
         if self.persist_dir is not None:
             try:
                 statedir.remove_durably(self.persist_dir / f"{dataset_id}{SUFFIX}")
@@ -213,6 +232,8 @@ class DatasetStore:
                         raise ResourceExhausted(
                             f"dataset file {path}: {dataset.nbytes} bytes do not fit the limit "
                             f"(max_dataset_mb) beside the {self.bytes_held} bytes restored")
+                    self.budget.charge("datasets", dataset.nbytes,
+                                       lambda: f"dataset file {path}")
                     self._datasets[dataset.id] = dataset
                 restored.append(dataset.id)
             except ResourceExhausted as exc:

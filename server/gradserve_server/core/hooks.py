@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 
 class Hooks:
     """No-op observer. Phases: forward, backward, optimizer_step, train_step."""
@@ -19,3 +21,5 @@ class Hooks:
     def dataset_bytes(self, total: int) -> None: ...
     def checkpoint_saved(self, trigger: str, result: str) -> None: ...
     def checkpoint_quarantined(self, reason: str) -> None: ...
+    def memory_budget(self, limit: int, held: Callable[[], Mapping[str, int]]) -> None:
+        """Once, when the budget is made: its limit, and how to read its holdings by kind."""

@@ -6,6 +6,7 @@ import re
 
 from .errors import InvalidArgument
 
+# Used with fullmatch: with match, '$' would also accept a trailing newline.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 

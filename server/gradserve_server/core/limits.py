@@ -17,3 +17,6 @@ class Limits:
     max_dataset_bytes: int = 8 * 1024 * 1024 * 1024  # all uploaded datasets together
     request_id_window: int = 1024               # remembered request ids per model
     request_id_window_bytes: int = 16 * 1024 * 1024  # replies kept for retries, per model
+    max_memory_bytes: int = 0                   # the server-wide memory budget (0: none)
+    max_compute_bytes: int = 0                  # estimated allocations of one call (0: budget)
+    memory_source: str = ""                     # where max_memory_bytes came from (start log)

@@ -8,7 +8,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -18,8 +18,10 @@ from torch import nn
 from ..catalog.expressions import ExpressionModule, check_name, compile_expression
 from ..catalog.layers import build_sequential
 from ..catalog.losses import Loss, build_loss
-from ..catalog.optimizers import build_optimizer
+from ..catalog.optimizers import build_optimizer, state_factor
 from ..catalog.plugins import build_plugin
+from . import estimate
+from .budget import MemoryBudget, Reservation, fmt_bytes
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .limits import Limits
@@ -35,6 +37,9 @@ _RNG_LOCK = threading.Lock()
 # assumed to draw; expressions never do.
 RANDOM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.dropout._DropoutNd, nn.RReLU, nn.MultiheadAttention)
+# Memory estimates kept per model: one per input signature (shapes, dtypes, mode).
+MAX_ESTIMATES = 256
+_NO_ESTIMATE = estimate.Estimate(0, 0, 0)
 
 
 @dataclass
@@ -79,7 +84,7 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / (1024 * 1024):g} MiB ({nbytes} bytes)"
 
 
-def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+def nbytes_of(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -134,6 +139,20 @@ class ModelRNG:
 def _fresh_seed() -> int:
     """A seed for a model created without one (never the global generator's next state)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
+def _meta_size(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(parameter and buffer elements, their bytes, trainable parameter bytes), on meta tensors."""
+    if spec.source == "expression":
+        size = torch.empty((), dtype=dtype).element_size()
+        count = sum(v.numel() for v in spec.parameters.values())
+        frozen = sum(v.numel() for k, v in spec.parameters.items() if k in spec.frozen)
+        return count, count * size, (count - frozen) * size
+    with torch.device("meta"):
+        module = _build_module(spec, dtype).to(dtype=dtype)
+    # Buffers count too: BatchNorm1d(10**9, affine=False) has no parameters but would
+    # allocate gigabytes of running statistics.
+    tensors = (*module.parameters(), *module.buffers())
+    trainable = sum(p.nbytes for name, p in module.named_parameters() if name not in spec.frozen)
+    return sum(t.numel() for t in tensors), sum(t.nbytes for t in tensors), trainable
 
 
 def _build_module(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
@@ -164,7 +183,7 @@ class Model:
     """A model and its training state. Every public method takes the model's lock."""
 
     def __init__(self, model_id: str, spec: ModelSpec, device: torch.device, limits: Limits,
-                 hooks: Hooks) -> None:
+                 hooks: Hooks, budget: MemoryBudget | None = None) -> None:
         dtype = FLOAT_DTYPES.get(spec.dtype)
         if dtype is None:
             raise InvalidArgument(f"spec.dtype: {spec.dtype!r} is not a floating dtype; "
@@ -176,21 +195,27 @@ class Model:
         self.limits = limits
         self.hooks = hooks
         self.loss_fn: Loss = build_loss(spec.loss, spec.loss_reduction, spec.loss_kwargs)
-        self._check_size(spec, dtype)
-        seed = spec.seed if spec.seed is not None else _fresh_seed()
-        cuda = [device] if device.type == "cuda" else []
-        with _RNG_LOCK, torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            module = _build_module(spec, dtype)
-            # The stream continues where initialisation left it, as in local code.
-            self.rng = ModelRNG.capture(device)
-        self.draws_random = _draws_random(spec, module)
-        self.module: nn.Module = module.to(dtype=dtype).to(device)
-        self.module.train()
-        self._apply_initial(spec.initial_parameters)
-        self._apply_frozen(spec.frozen)
-        self.optimizer = build_optimizer(spec.optimizer, spec.optimizer_params,
-                                         self.module.parameters())
+        self.budget = budget if budget is not None else MemoryBudget()
+        self._charges: dict[str, int] = {}
+        self._trainable_bytes = self._check_size(spec, dtype)
+        try:
+            seed = spec.seed if spec.seed is not None else _fresh_seed()
+            cuda = [device] if device.type == "cuda" else []
+            with _RNG_LOCK, torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(seed)
+                module = _build_module(spec, dtype)
+                # The stream continues where initialisation left it, as in local code.
+                self.rng = ModelRNG.capture(device)
+            self.draws_random = _draws_random(spec, module)
+            self.module: nn.Module = module.to(dtype=dtype).to(device)
+            self.module.train()
+            self._apply_initial(spec.initial_parameters)
+            self._apply_frozen(spec.frozen)
+            self.optimizer = build_optimizer(spec.optimizer, spec.optimizer_params,
+                                             self.module.parameters())
+        except BaseException:
+            self.close()
+            raise
         self.step_count = 0
         self.lock = threading.Lock()
         # Changes since the last checkpoint of this model under its own id: autosave writes a
@@ -205,6 +230,11 @@ class Model:
         self._graph_bytes = 0
         self.requests = RequestIdWindow(limits.request_id_window, limits.request_id_window_bytes)
         self.created = time.time()
+        # Memory pre-checks: the module on meta tensors (built on first use; None: it cannot
+        # be copied) and the estimates by call signature.
+        self._twin: nn.Module | None | bool = False
+        self._estimates: OrderedDict[tuple[Any, ...], estimate.Estimate] = OrderedDict()
+        self._state_keys: set[int] | None = None
 
     @property
     def training_run(self) -> str | None:
@@ -217,21 +247,33 @@ class Model:
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _check_size(self, spec: ModelSpec, dtype: torch.dtype) -> None:
-        """Count parameters and buffers on the meta device before allocating anything real."""
-        if spec.source == "expression":
-            count = sum(v.numel() for v in spec.parameters.values())
-        else:
-            with torch.device("meta"):
-                module = _build_module(spec, dtype)
-            # Buffers count too: BatchNorm1d(10**9, affine=False) has no parameters but would
-            # allocate gigabytes of running statistics.
-            count = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+    def _check_size(self, spec: ModelSpec, dtype: torch.dtype) -> int:
+        """Size the model on the meta device and charge the memory budget before allocating.
+
+        Charged: parameters and buffers, a gradient per trainable parameter and the optimizer's
+        state (catalog.optimizers.STATE_TENSORS). Returns the trainable bytes.
+        """
+        count, nbytes, trainable = _meta_size(spec, dtype)
         if count > self.limits.max_parameters:
             raise ResourceExhausted(
                 f"spec: the model has {count} parameter and buffer elements; the limit "
                 f"(max_parameters) is {self.limits.max_parameters}"
             )
+        charges = {"parameters": nbytes, "gradients": trainable,
+                   "optimizer": trainable * state_factor(spec.optimizer, spec.optimizer_params)}
+        self.budget.charge_all(charges, lambda: (
+            f"model {self.id!r} ({count} parameter and buffer elements: "
+            f"{', '.join(f'{k} {fmt_bytes(v)}' for k, v in charges.items())})"))
+        self._charges = charges
+        return trainable
+
+    def close(self) -> None:
+        """Give back the model's memory budget (deleted, replaced, or never finished building)."""
+        charges, self._charges = self._charges, {}
+        for kind, nbytes in charges.items():
+            self.budget.release(kind, nbytes)
+        if getattr(self, "_graphs", None):
+            self.drop_graphs()
 
     def _named_state(self) -> dict[str, torch.Tensor]:
         return dict(self.module.state_dict(keep_vars=True))
@@ -304,7 +346,23 @@ class Model:
         A repeat with the same payload gets the first reply; payload() is only evaluated when
         there is an id (its fingerprint tells a retry from a reuse of the id).
         """
-        return self.requests.run(method, request_id, lambda: fingerprint(*payload()), fn)
+        if not request_id:
+            return fn()
+        try:
+            return self.requests.run(method, request_id, lambda: fingerprint(*payload()), fn)
+        finally:
+            self._charge_replies()
+
+    def _charge_replies(self) -> None:
+        """Keep the budget's id_cache charge equal to the replies kept; trim them if it is full."""
+        held = self._charges.get("id_cache", 0)
+        now = self.requests.nbytes
+        if now > held and not self.budget.try_charge("id_cache", now - held):
+            self.requests.trim(held)  # the budget is full: keep fewer replies, never more memory
+            now = self.requests.nbytes
+        if now < held:
+            self.budget.release("id_cache", held - now)
+        self._charges["id_cache"] = now
 
     def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False
                        ) -> list[torch.Tensor]:
@@ -365,15 +423,81 @@ class Model:
                                   "one tensor")
         return out
 
+    @property
+    def trainable_bytes(self) -> int:
+        """Bytes of the trainable parameters (their gradients; an optimizer step's temporaries)."""
+        return self._trainable_bytes
+
     def _timed(self, phase: str, start: float) -> None:
         self.hooks.phase_seconds(self.id, phase, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ memory pre-checks
+
+    def request_bytes(self, tensors: Sequence[torch.Tensor], call: str) -> Reservation:
+        """Charge a request's tensors to the budget while the call holds them."""
+        return self.budget.reserve("requests", nbytes_of(tensors),
+                                   lambda: f"{call} on model {self.id!r} (its request tensors)")
+
+    def _signature(self, tensors: Sequence[torch.Tensor], requires_grad: bool = False
+                   ) -> tuple[tuple[torch.Size, torch.dtype, bool], ...]:
+        """Shapes and dtypes the model computes with (floating inputs take the model dtype)."""
+        dtype = self.dtype
+        return tuple([(t.shape, dtype if t.is_floating_point() else t.dtype,
+                       requires_grad or t.requires_grad) for t in tensors])
+
+    def estimate_call(self, phase: str, inputs: Sequence[torch.Tensor], eval_mode: bool = False,
+                 target: torch.Tensor | None = None, requires_grad: bool = False
+                 ) -> estimate.Estimate:
+        """What the call allocates, run once per signature on meta tensors (caller holds the lock).
+
+        Repeats cost a dict lookup. A meta run that stops part way (bad inputs, an operator
+        without a meta kernel) estimates what ran until then; a module that cannot be copied to
+        meta tensors gets a zero estimate (its calls are not pre-checked).
+        """
+        sig = self._signature(inputs, requires_grad)
+        tsig = None if target is None else self._signature((target,))[0][:2]
+        key = (phase, eval_mode, sig, tsig)
+        found = self._estimates.get(key)
+        if found is not None:
+            return found
+        if self._twin is False:
+            self._twin = estimate.meta_twin(self.module)
+        twin = self._twin
+        est = None
+        if isinstance(twin, nn.Module):
+            est = estimate.run(twin, sig, phase, eval_mode, self.loss_fn, tsig)
+        est = est or _NO_ESTIMATE
+        self._estimates[key] = est
+        while len(self._estimates) > MAX_ESTIMATES:
+            self._estimates.popitem(last=False)
+        return est
+
+    def reserve_call(self, nbytes: int, call: str, inputs: Sequence[torch.Tensor] = ()
+                     ) -> Reservation:
+        """Reserve a computation's estimated bytes, or refuse it before it runs."""
+        return self.budget.reserve_call(nbytes, lambda: (
+            f"{call} on model {self.id!r}"
+            + (f" with inputs {[list(t.shape) for t in inputs]}" if inputs else "")))
+
+    def reserve_batch(self, phase: str, inputs: Sequence[torch.Tensor],
+                      target: torch.Tensor | None, call: str, extra: int = 0) -> Reservation:
+        """estimate + reserve_call for one batch of a training loop (caller holds the lock)."""
+        est = self.estimate_call(phase, inputs, phase == estimate.FORWARD, target)
+        return self.reserve_call(est.peak + extra, call, inputs)
+
+    def _state_storages(self) -> set[int]:
+        """Storages of parameters and buffers: a graph that saves them holds nothing new."""
+        if self._state_keys is None:
+            self._state_keys = {estimate.storage_key(t)
+                                for t in (*self.module.parameters(), *self.module.buffers())}
+        return self._state_keys
 
     # ------------------------------------------------------------------ Forward
 
     def forward(self, inputs: Sequence[torch.Tensor], retain_graph: bool, eval_mode: bool
                 ) -> tuple[torch.Tensor, str]:
         start = time.perf_counter()
-        with self.lock:
+        with self.request_bytes(inputs, "Forward"), self.lock:
             self._expire_graphs()
             if retain_graph and self.training_run is not None:
                 raise FailedPrecondition(f"model {self.id!r} is training; retained forwards "
@@ -381,22 +505,35 @@ class Model:
             self.set_mode(eval_mode)
             try:
                 if not retain_graph:
-                    with torch.no_grad():
-                        out = self.run_module(self.prepare_inputs(inputs))
-                    if out.device.type != "cpu":
-                        out = _snapshot(out)
-                        _synchronize(self.device)
-                    elif out.requires_grad:  # a plugin may enable grad itself
-                        out = out.detach()
+                    xs = self.prepare_inputs(inputs)
+                    est = self.estimate_call(estimate.FORWARD, xs, eval_mode)
+                    with self.reserve_call(est.peak, "Forward", xs), torch.no_grad():
+                        out = self.run_module(xs)
+                        if out.device.type != "cpu":
+                            out = _snapshot(out)
+                            _synchronize(self.device)
+                        elif out.requires_grad:  # a plugin may enable grad itself
+                            out = out.detach()
                     self._timed("forward", start)
                     return out, ""
                 xs = self.prepare_inputs(inputs, requires_grad=True)
-                out = self.run_module(xs)
-                forward_id = self._retain(out, xs)
+                est = self.estimate_call(estimate.RETAIN, xs, eval_mode)
+                held = nbytes_of(xs)
+                if est.saved + held > self.limits.max_graph_bytes:  # refused before computing
+                    raise self._graph_too_big(est.saved + held)
+                # The output's copy for the reply (_snapshot) comes on top of the peak.
+                with self.reserve_call(est.peak + est.output, "Forward(retain_graph)",
+                                       xs) as reservation:
+                    saved = estimate.SavedBytes(
+                        self._state_storages() | {estimate.storage_key(x) for x in xs})
+                    with saved.hooks():
+                        out = self.run_module(xs)
+                    kept = 0 if estimate.storage_key(out) in saved.seen else out.nbytes
+                    forward_id = self._retain(out, xs, held + saved.nbytes + kept, reservation)
+                    out = _snapshot(out)
             finally:
                 self.set_mode(False)
             self._timed("forward", start)
-            out = _snapshot(out)
             _synchronize(self.device)
             return out, forward_id
 
@@ -405,16 +542,24 @@ class Model:
         if self.module.training == eval_mode:
             self.module.train(not eval_mode)
 
-    def _retain(self, output: torch.Tensor, inputs: list[torch.Tensor]) -> str:
+    def _graph_too_big(self, nbytes: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"retain_graph: this graph holds {nbytes} bytes (inputs, output and what autograd "
+            f"saves for backward); the limit (max_graph_mb) is "
+            f"{_mib(self.limits.max_graph_bytes)}")
+
+    def _retain(self, output: torch.Tensor, inputs: list[torch.Tensor], nbytes: int,
+                reservation: Reservation) -> str:
+        """Keep the graph: nbytes (inputs, output, saved tensors) move from the call's
+        reservation to the budget's retained graphs."""
         if not output.requires_grad:
             raise FailedPrecondition("retain_graph: the output does not depend on any trainable "
                                      "parameter or floating input; nothing to differentiate")
         forward_id = uuid.uuid4().hex
-        nbytes = _nbytes([output, *inputs])
         # Refuse before evicting: a graph that can never fit must not cost the others theirs.
         if nbytes > self.limits.max_graph_bytes:
-            raise ResourceExhausted(f"retain_graph: this graph holds {nbytes} bytes; the limit "
-                                    f"(max_graph_mb) is {_mib(self.limits.max_graph_bytes)}")
+            raise self._graph_too_big(nbytes)
+        reservation.keep("graphs", nbytes, lambda: f"retain_graph on model {self.id!r}")
         while self._graphs and (len(self._graphs) >= self.limits.max_graphs
                                 or self._graph_bytes + nbytes > self.limits.max_graph_bytes):
             self._evict(next(iter(self._graphs)), "the per-model budget "
@@ -428,6 +573,7 @@ class Model:
     def _evict(self, forward_id: str, why: str) -> None:
         graph = self._graphs.pop(forward_id)
         self._graph_bytes -= graph.nbytes
+        self.budget.release("graphs", graph.nbytes)
         self._evicted[forward_id] = why
         while len(self._evicted) > 4096:
             self._evicted.popitem(last=False)
@@ -441,13 +587,14 @@ class Model:
                 break
             self._evict(forward_id, f"it was unused for {self.limits.graph_ttl_s:g} s (graph TTL)")
 
-    def _take_graph(self, forward_id: str) -> _Graph:
+    def _take_graph(self, forward_id: str) -> tuple[_Graph, Reservation]:
+        """The graph, its budget charge now the reservation of the Backward consuming it."""
         self._expire_graphs()
         graph = self._graphs.pop(forward_id, None)
         if graph is not None:
             self._graph_bytes -= graph.nbytes
             self.hooks.graphs(self.id, len(self._graphs), 0)
-            return graph
+            return graph, self.budget.convert("graphs", graph.nbytes)
         why = self._evicted.get(forward_id)
         if why is not None:
             raise FailedPrecondition(f"forward_id {forward_id}: the graph was evicted because {why};"
@@ -457,6 +604,7 @@ class Model:
 
     def drop_graphs(self) -> None:
         self._graphs.clear()
+        self.budget.release("graphs", self._graph_bytes)
         self._graph_bytes = 0
 
     # ------------------------------------------------------------------ Backward / Step
@@ -474,29 +622,45 @@ class Model:
         return_output: bool,
         request_id: str = "",
     ) -> BackwardResult:
-        with self.mutating():
+        sent = [*inputs, *(t for t in (target, grad_output) if t is not None)]
+        with self.request_bytes(sent, "Backward"), self.mutating(), ExitStack() as held:
             return self.once(
                 "Backward", request_id,
                 lambda: (list(inputs), target, forward_id, grad_output, return_grads,
                          return_input_grads, step, return_output),
                 lambda: self._backward(inputs, target, forward_id, grad_output, return_grads,
-                                       return_input_grads, step, return_output))
+                                       return_input_grads, step, return_output, held))
 
     def _backward(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None,
                   forward_id: str, grad_output: torch.Tensor | None, return_grads: bool,
-                  return_input_grads: bool, step: bool, return_output: bool) -> BackwardResult:
+                  return_input_grads: bool, step: bool, return_output: bool,
+                  held: ExitStack) -> BackwardResult:
+        """held: the call's budget reservations end with it."""
         start = time.perf_counter()
+        # Copies this call returns (grads, input grads, output) and the optimizer's temporaries.
+        copies = ((self._trainable_bytes if return_grads else 0)
+                  + (self._trainable_bytes if step else 0))
+        y = self.prepare_target(target)
         if forward_id:
             if inputs:
                 raise InvalidArgument("inputs: give either inputs (fused) or forward_id, not both")
             if (grad_output is None) == (target is None) and self.loss_fn.needs_target:
                 raise InvalidArgument("with forward_id give exactly one of target or grad_output")
-            graph = self._take_graph(forward_id)
+            graph, reservation = self._take_graph(forward_id)
+            # The graph's bytes stay reserved while backward runs through it: the gradients it
+            # produces take about as much again (a heuristic; the graph was measured exactly).
+            held.enter_context(reservation)
             out, xs = graph.output, graph.inputs
+            copies += graph.nbytes + (out.nbytes if return_output else 0)
+            held.enter_context(self.reserve_call(copies, "Backward(forward_id)"))
         else:
             if grad_output is not None:
                 raise InvalidArgument("grad_output: only valid with forward_id")
             xs = self.prepare_inputs(inputs, requires_grad=return_input_grads)
+            est = self.estimate_call(estimate.BACKWARD, xs, False, y)
+            copies += ((nbytes_of(xs) if return_input_grads else 0)
+                       + (est.output if return_output else 0))
+            held.enter_context(self.reserve_call(est.peak + copies, "Backward", xs))
             self.set_mode(False)
             out = self.run_module(xs)
             self._timed("forward", start)
@@ -510,7 +674,7 @@ class Model:
                                       f"output shape {list(out.shape)}")
             roots, grads_in = out, g.to(out.dtype)
         else:
-            loss = self.loss_fn(out, self.prepare_target(target))
+            loss = self.loss_fn(out, y)
             loss_value = float(loss.detach())
             roots, grads_in = loss, None
         wanted = [x for x in xs if x.requires_grad] if return_input_grads else []
@@ -539,7 +703,7 @@ class Model:
         return result
 
     def step(self, keep_grad: bool = False, request_id: str = "") -> int:
-        with self.mutating():
+        with self.mutating(), self.reserve_call(self._trainable_bytes, "Step"):
             return self.once("Step", request_id, lambda: (keep_grad,),
                              lambda: self._step(zero_grad=not keep_grad))
 
@@ -573,17 +737,22 @@ class Model:
                 raise NotFound(f"names: unknown parameter(s) {unknown}; known: "
                                f"{[*params, *buffers]}")
             chosen = list(names) or [*params, *(buffers if include_buffers else ())]
-            values = {n: _snapshot(params[n]) for n in chosen if n in params}
-            bufs = {n: _snapshot(buffers[n]) for n in chosen if n in buffers}
-            grads = {n: _snapshot(params[n].grad) for n in values
-                     if include_grads and params[n].grad is not None}
-            _synchronize(self.device)
+            copies: list[torch.Tensor] = [params[n] for n in chosen if n in params]
+            copies += [buffers[n] for n in chosen if n in buffers]
+            copies += [g for n in chosen if n in params and include_grads
+                       and (g := params[n].grad) is not None]
+            with self.reserve_call(nbytes_of(copies), "GetParameters"):
+                values = {n: _snapshot(params[n]) for n in chosen if n in params}
+                bufs = {n: _snapshot(buffers[n]) for n in chosen if n in buffers}
+                grads = {n: _snapshot(g) for n in values
+                         if include_grads and (g := params[n].grad) is not None}
+                _synchronize(self.device)
             return values, grads, bufs
 
     def set_parameters(self, values: Mapping[str, torch.Tensor], request_id: str = "") -> None:
         if not values:
             raise InvalidArgument("parameters: give at least one name -> tensor")
-        with self.mutating():
+        with self.request_bytes(list(values.values()), "SetParameters"), self.mutating():
             self.once("SetParameters", request_id, lambda: (dict(values),),
                       lambda: self._assign(values, "parameters"))
 

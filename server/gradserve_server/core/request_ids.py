@@ -165,8 +165,11 @@ class RequestIdWindow:
             old_key, old = self._entries.popitem(last=False)
             if self._kept.pop(old_key, None) is not None:
                 self._reply_bytes -= old.reply_bytes
-        # Oldest replies go first; the newest goes too if it alone is over the bound.
-        while self._kept and self.nbytes > self.max_bytes:
+        self.trim(self.max_bytes)
+
+    def trim(self, max_bytes: int) -> None:
+        """Drop kept replies, oldest first, until they hold at most max_bytes (ids stay known)."""
+        while self._kept and self.nbytes > max_bytes:
             _, old = self._kept.popitem(last=False)
             self._reply_bytes -= old.reply_bytes
             old.reply, old.reply_bytes, old.kept = None, 0, False

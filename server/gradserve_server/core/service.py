@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from . import statedir
+from . import estimate, statedir
+from .budget import MemoryBudget, fmt_bytes
 from .checkpoints import OVER_LIMIT, CheckpointInfo, CheckpointStore, CheckpointUnusable
 from .datasets import DatasetStore, TrainData
 from .errors import FailedPrecondition, GradServeFault, NotFound, ResourceExhausted
@@ -60,13 +61,16 @@ class Core:
         self.device = device
         self.limits = limits
         self.hooks = hooks
-        self.models = ModelStore(device, limits, hooks)
+        self.budget = MemoryBudget(limits.max_memory_bytes, hooks,
+                                   max_call=limits.max_compute_bytes)
+        estimate.warm_up()
+        self.models = ModelStore(device, limits, hooks, self.budget)
         self.trainer = Trainer(limits, hooks)
         self.checkpoints = CheckpointStore(state_dir, hooks)
         datasets_dir = Path(state_dir) / "datasets" if state_dir and persist_datasets else None
         if state_dir:
             statedir.prepare(Path(state_dir), ("datasets",))
-        self.datasets = DatasetStore(limits.max_dataset_bytes, hooks, datasets_dir)
+        self.datasets = DatasetStore(limits.max_dataset_bytes, hooks, datasets_dir, self.budget)
         self.autosave_steps = autosave_steps
         self.autosave_seconds = autosave_seconds
         self._autosaver: threading.Thread | None = None
@@ -101,6 +105,25 @@ class Core:
             # After the model is marked deleted: a save of it that starts now is refused, one
             # already writing finishes first (same name lock), then its file is removed.
             self.checkpoints.delete(model_id)
+
+    def describe_budget(self) -> str:
+        """'17.6 GiB (75% of 23.5 GiB, physical memory)': for the start-up log line."""
+        if not self.limits.max_memory_bytes:
+            return "none"
+        return f"{fmt_bytes(self.limits.max_memory_bytes)} ({self.limits.memory_source})"
+
+    def check_request(self, nbytes: int) -> None:
+        """Refuse a request over --max-request-mb, or one the memory budget has no room for.
+
+        The transport calls this with the request's size before the core works on it; the core
+        then charges the request's tensors to the budget while a call holds them.
+        """
+        limit = self.limits.max_request_bytes
+        if nbytes > limit:
+            raise ResourceExhausted(f"the request holds {nbytes} bytes; the limit "
+                                    f"(max_request_mb) is {limit // (1024 * 1024)} MiB")
+        if nbytes > self.budget.free:
+            raise self.budget.refusal(nbytes, "the request")
 
     # ---------------------------------------------------------------- training with autosave
 
@@ -190,10 +213,15 @@ class Core:
         existing = self.models.find(target)
         if existing is not None and existing.training_run is not None:
             raise FailedPrecondition(f"model {target!r} is training; cancel the run first")
-        model = self.checkpoints.build(loaded, target, self.device, self.limits, self.hooks)
+        model = self.checkpoints.build(loaded, target, self.device, self.limits, self.hooks,
+                                       self.budget)
         if name == target:  # the model is exactly its own checkpoint: nothing to autosave
             model.saved_version = model.version
-        self.models.put(model)
+        try:
+            self.models.put(model)
+        except BaseException:
+            model.close()  # never stored: give its memory budget back
+            raise
         return model
 
     def list_checkpoints(self) -> list[CheckpointInfo]:

@@ -7,20 +7,24 @@ import uuid
 
 import torch
 
+from .budget import MemoryBudget
 from .errors import AlreadyExists, NotFound, ResourceExhausted
-from .ids import check_id
 from .hooks import Hooks
+from .ids import check_id
 from .limits import Limits
 from .model import Model
 from .spec import ModelSpec
 
+
 class ModelStore:
     """Models by id. Store-level operations hold a short lock; model work holds the model's."""
 
-    def __init__(self, device: torch.device, limits: Limits, hooks: Hooks) -> None:
+    def __init__(self, device: torch.device, limits: Limits, hooks: Hooks,
+                 budget: MemoryBudget | None = None) -> None:
         self.device = device
         self.limits = limits
         self.hooks = hooks
+        self.budget = budget if budget is not None else MemoryBudget()
         self._models: dict[str, Model] = {}
         self._lock = threading.Lock()
         self._reserved: set[str] = set()
@@ -36,7 +40,8 @@ class ModelStore:
                                         f"(max_models) is {self.limits.max_models}")
             self._reserved.add(model_id)
         try:
-            model = Model(model_id, spec, self.device, self.limits, self.hooks)  # slow: unlocked
+            model = Model(model_id, spec, self.device, self.limits, self.hooks,  # slow: unlocked
+                          self.budget)
             with self._lock:
                 self._models[model_id] = model
                 # Under the lock: a concurrent delete must see the add before its remove.
@@ -57,7 +62,8 @@ class ModelStore:
             self.hooks.model_added(model.id)
         if old is not None:
             old.deleted.set()
-            old.drop_graphs()
+            with old.lock:
+                old.close()
 
     def find(self, model_id: str) -> Model | None:
         return self._models.get(model_id)
@@ -82,7 +88,7 @@ class ModelStore:
             raise NotFound(f"model_id: no model {model_id!r}")
         model.deleted.set()
         with model.lock:
-            model.drop_graphs()
+            model.close()
 
     def __len__(self) -> int:
         return len(self._models)

@@ -26,11 +26,13 @@ from typing import Any
 import torch
 
 from ..catalog.schedules import LRScheduler, build_schedule
+from .budget import Reservation
 from .datasets import TrainData
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from .estimate import BACKWARD, FORWARD
 from .hooks import Hooks
 from .limits import Limits
-from .model import Model
+from .model import Model, nbytes_of
 
 PROGRESS, EPOCH_END, DONE = "progress", "epoch_end", "done"
 FLUSH_S = 0.5  # longest delay of a training run's step/loss metrics
@@ -215,9 +217,33 @@ class Trainer:
         # Claimed inside the generator so that a stream never started never holds the model.
         self._claim(model)
         try:
-            yield from self._run(model, data, validation, opts, n, cancelled, after_step)
+            with self._reserve_run(model, data, validation, opts):
+                yield from self._run(model, data, validation, opts, n, cancelled, after_step)
         finally:
             self._release(model)
+
+    @staticmethod
+    def _reserve_run(model: Model, data: TrainData | None, validation: TrainData | None,
+                     opts: TrainOptions) -> Reservation:
+        """Reserve the run's largest step (a full batch's forward, loss, backward and optimizer
+        step, or a validation batch) in the memory budget, estimated before the first step."""
+        def first(d: TrainData) -> list[torch.Tensor]:
+            bs = opts.batch_size or d.num_samples
+            return [t[:bs] for t in (*d.inputs, *([d.target] if d.target is not None else []))]
+
+        with model.lock:
+            batch = first(data) if data is not None else []
+            n_in = len(data.inputs) if data is not None else 0
+            target = batch[n_in] if len(batch) > n_in else None
+            est = model.estimate_call(BACKWARD, batch[:n_in], False, target)
+            # Shuffled batches are gathered copies; the optimizer step has temporaries.
+            need = est.peak + nbytes_of(batch) + model.trainable_bytes
+            if validation is not None:
+                vbatch = first(validation)
+                n_val = len(validation.inputs)
+                val = model.estimate_call(FORWARD, vbatch[:n_val], True)
+                need = max(need, val.peak + nbytes_of(vbatch))
+            return model.reserve_call(need, "Train", batch[:n_in])
 
     def _run(self, model: Model, data: TrainData | None, validation: TrainData | None,
              opts: TrainOptions, n: int, cancelled: Callable[[], bool],
@@ -401,7 +427,8 @@ class Trainer:
                     return
                 batch.check(f"batch {k}")
                 t0 = time.perf_counter()
-                with model.lock:
+                with model.lock, model.reserve_batch(BACKWARD, batch.inputs, batch.target,
+                                                     "TrainStream", model.trainable_bytes):
                     xs = model.prepare_inputs(batch.inputs)
                     loss = model.loss_fn(model.run_module(xs), model.prepare_target(batch.target))
                     value = loss.item()

@@ -14,7 +14,7 @@ import grpc
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-from ..core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from ..core.errors import FailedPrecondition, InvalidArgument
 from ..core.service import Core
 from ..core.trainer import NON_FINITE
 from . import messages as m
@@ -51,11 +51,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.shm = shm  # same-host shared-memory regions (None: the fast path is off)
 
     def _check_size(self, request: Any) -> None:
-        limit = self.core.limits.max_request_bytes
-        size = request.ByteSize()
-        if size > limit:
-            raise ResourceExhausted(f"the request holds {size} bytes; the limit "
-                                    f"(max_request_mb) is {limit // (1024 * 1024)} MiB")
+        self.core.check_request(request.ByteSize())
 
     # ------------------------------------------------------------------ lifecycle
 
