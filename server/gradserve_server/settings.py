@@ -96,7 +96,7 @@ class Settings:
                                    "model changed since its last checkpoint (0: off)", min=0)
     grace_seconds: float = _opt(20.0, "on SIGTERM: time to stop loops and checkpoint", min=0)
     persist_datasets: int = _opt(0, "1: write uploaded datasets to --state-dir so that they "
-                                 "survive restarts (0: memory only)", choices=(0, 1))
+                                 "survive restarts (0: memory only)", min=0, max=1)
     # security
     auth_token_file: str = _opt("", "file of bearer tokens, one per line: 'token [scope,scope]'")
     tls_cert: str = _opt("", "PEM server certificate (enables TLS)")
@@ -161,8 +161,6 @@ class Settings:
             parser.error("--autosave-steps and --autosave-seconds must be >= 0 (0: off)")
         if self.request_id_window < 0 or self.request_id_window_mb < 0:
             parser.error("--request-id-window and --request-id-window-mb must be >= 0")
-        if self.persist_datasets not in (0, 1):
-            parser.error(f"--persist-datasets: expected 0 or 1, got {self.persist_datasets}")
         if self.persist_datasets and not self.state_dir:
             parser.error("--persist-datasets 1 needs --state-dir (where the datasets are kept)")
         try:

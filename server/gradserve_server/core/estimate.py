@@ -106,7 +106,8 @@ class _PeakMode(TorchDispatchMode):
 def warm_up() -> None:
     """Run one tiny estimate now: the first meta run imports torch._dynamo (1-3 s here, via
     torch's own meta kernels), which belongs to start-up, not to a client's first call."""
-    twin = meta_twin(nn.Linear(1, 1))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear draws its init from the global RNG
+        twin = meta_twin(nn.Linear(1, 1))
     if twin is not None:
         run(twin, [(torch.Size([1, 1]), torch.float32, False)], BACKWARD, False,
             lambda out, _target: out.sum(), None)
