@@ -48,6 +48,10 @@ class Settings:
     max_shm_mb: int = _opt(4096, "MiB of same-host shared memory clients may register at once "
                            "(0 disables the shared-memory fast path)")
     shm_ttl_s: float = _opt(300.0, "seconds an unused shared-memory region stays registered")
+    max_exported_mb: int = _opt(64, "MiB of one uploaded torch.export archive (exported models)")
+    max_exported_nodes: int = _opt(10_000, "graph nodes of one exported program")
+    exported_ops: str = _opt("", "ATen operators to add to the exported-model allow-list, "
+                             "comma-separated (e.g. aten.erfinv.default; docs/exported.md)")
     step_buckets: str = _opt(",".join(str(b) for b in DEFAULT_BUCKETS),
                              "step latency histogram buckets in seconds, comma-separated")
     # durability
@@ -70,7 +74,13 @@ class Settings:
             max_graph_bytes=self.max_graph_mb * mib, graph_ttl_s=self.graph_ttl_s,
             max_train_runs=self.max_train_runs, max_dataset_bytes=self.max_dataset_mb * mib,
             request_id_window=self.request_id_window,
+            max_exported_bytes=self.max_exported_mb * mib,
+            max_exported_nodes=self.max_exported_nodes, exported_ops=self.extra_ops,
         )
+
+    @property
+    def extra_ops(self) -> tuple[str, ...]:
+        return tuple(op.strip() for op in self.exported_ops.split(",") if op.strip())
 
     @property
     def buckets(self) -> tuple[float, ...]:
@@ -109,6 +119,14 @@ class Settings:
             buckets = self.buckets
         except ValueError:
             buckets = ()
+        if self.max_exported_mb < 1 or self.max_exported_nodes < 1:
+            parser.error("--max-exported-mb and --max-exported-nodes must be >= 1")
+        from .catalog.exported import check_extra_ops  # imports torch: only when validating
+
+        try:
+            check_extra_ops(self.extra_ops)
+        except ValueError as exc:
+            parser.error(f"--exported-ops: {exc}")
         if len(buckets) < 2 or buckets[0] <= 0 or len(set(buckets)) != len(buckets):
             parser.error(f"--step-buckets: expected at least two distinct positive numbers of "
                          f"seconds, comma-separated; got {self.step_buckets!r}")

@@ -16,3 +16,6 @@ class Limits:
     max_train_runs: int = 8                     # concurrent Train/TrainStream runs
     max_dataset_bytes: int = 8 * 1024 * 1024 * 1024  # all uploaded datasets together
     request_id_window: int = 1024               # remembered request ids per model
+    max_exported_bytes: int = 64 * 1024 * 1024  # bytes of one torch.export archive
+    max_exported_nodes: int = 10_000            # graph nodes of one exported program
+    exported_ops: tuple[str, ...] = ()          # ATen operators added to the allow-list

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..catalog.exported import ArchiveLimits, ExportedModule, build_exported, check_archive, output_index
 from ..catalog.expressions import ExpressionModule, check_name, compile_expression
 from ..catalog.layers import build_sequential
 from ..catalog.losses import Loss, build_loss
@@ -36,6 +37,15 @@ class BackwardResult:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     input_grads: list[torch.Tensor] = field(default_factory=list)
     output: torch.Tensor | None = None
+    outputs: list[torch.Tensor] = field(default_factory=list)  # all, for multi-output models
+
+
+@dataclass
+class Outputs:
+    """Every output of a multi-output model and the index of the one the loss applies to."""
+
+    tensors: list[torch.Tensor]
+    main: int
 
 
 @dataclass
@@ -44,6 +54,7 @@ class _Graph:
     inputs: list[torch.Tensor]
     nbytes: int
     created: float
+    outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
@@ -75,7 +86,15 @@ def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _build_module(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+def archive_limits(limits: Limits) -> ArchiveLimits:
+    return ArchiveLimits(limits.max_exported_bytes, limits.max_exported_nodes,
+                         limits.max_parameters, limits.exported_ops)
+
+
+def _build_module(spec: ModelSpec, dtype: torch.dtype, limits: Limits,
+                  device: torch.device) -> nn.Module:
+    if spec.source == "exported":
+        return build_exported(spec.exported, archive_limits(limits), device)
     if spec.source == "layers":
         return build_sequential(spec.layers)
     if spec.source == "expression":
@@ -119,7 +138,18 @@ class Model:
         with _RNG_LOCK, torch.random.fork_rng(devices=[]):
             if spec.seed is not None:
                 torch.manual_seed(spec.seed)
-            module = _build_module(spec, dtype)
+            module = _build_module(spec, dtype, limits, device)
+        # Exported models: inputs and outputs by name, and which output the loss applies to.
+        self.exported = module if isinstance(module, ExportedModule) else None
+        self.input_names = (self.exported.input_names if self.exported is not None
+                            else list(spec.inputs))
+        self.output_names: list[str] = []
+        self.main_output = 0
+        if self.exported is not None:
+            self.main_output = output_index(self.exported.output_names, spec.output_index,
+                                            spec.output_name)
+            if self.exported.num_outputs > 1:
+                self.output_names = self.exported.output_names
         self.module: nn.Module = module.to(dtype=dtype).to(device)
         self.module.train()
         self._apply_initial(spec.initial_parameters)
@@ -142,9 +172,11 @@ class Model:
         """Count parameters and buffers on the meta device before allocating anything real."""
         if spec.source == "expression":
             count = sum(v.numel() for v in spec.parameters.values())
+        elif spec.source == "exported":  # counted from the archive's tables, nothing read yet
+            count = check_archive(spec.exported, archive_limits(self.limits)).num_elements
         else:
             with torch.device("meta"):
-                module = _build_module(spec, dtype)
+                module = _build_module(spec, dtype, self.limits, torch.device("meta"))
             # Buffers count too: BatchNorm1d(10**9, affine=False) has no parameters but would
             # allocate gigabytes of running statistics.
             count = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
@@ -200,8 +232,8 @@ class Model:
             "model_id": self.id, "spec": self.spec, "parameters": entries,
             "step": self.step_count, "device": str(self.device),
             "num_parameters": sum(p.numel() for p in params.values()),
-            "inputs": list(self.spec.inputs), "retained_graphs": len(self._graphs),
-            "training": self.training_run is not None,
+            "inputs": list(self.input_names), "retained_graphs": len(self._graphs),
+            "training": self.training_run is not None, "outputs": list(self.output_names),
         }
 
     # ------------------------------------------------------------------ request plumbing
@@ -232,10 +264,10 @@ class Model:
     def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False
                        ) -> list[torch.Tensor]:
         """Move inputs to the device; floating ones take the model dtype (documented rule)."""
-        expected = len(self.spec.inputs) if self.spec.source == "expression" else (
+        expected = len(self.input_names) if self.spec.source in ("expression", "exported") else (
             1 if self.spec.source == "layers" else None)
         if expected is not None and len(inputs) != expected:
-            names = f" ({', '.join(self.spec.inputs)})" if self.spec.inputs else ""
+            names = f" ({', '.join(self.input_names)})" if self.input_names else ""
             raise InvalidArgument(f"inputs: the model takes {expected} input(s){names}, "
                                   f"got {len(inputs)}")
         out = []
@@ -263,9 +295,13 @@ class Model:
             target = target.to(device=self.device, non_blocking=True)
         return target
 
-    def run_module(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """module(*inputs), turning torch's shape/dtype complaints into INVALID_ARGUMENT."""
+    def run_outputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """module(*inputs) as a list of outputs, turning torch's shape/dtype complaints into
+        INVALID_ARGUMENT. Exported graphs are first run on meta tensors against max_graph_mb."""
         try:
+            if self.exported is not None:
+                self.exported.check_memory(inputs, self.limits.max_graph_bytes)
+                return list(self.module(*inputs))
             out = self.module(*inputs)
         except InvalidArgument:
             raise
@@ -274,7 +310,14 @@ class Model:
         if not isinstance(out, torch.Tensor):
             raise InvalidArgument("the model returned a non-tensor output; plugins must return "
                                   "one tensor")
-        return out
+        return [out]
+
+    def run_module(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The output the loss applies to (the only one, except for multi-output models)."""
+        return self.run_outputs(inputs)[self.main_output]
+
+    def _pack(self, outs: list[torch.Tensor]) -> torch.Tensor | Outputs:
+        return Outputs(outs, self.main_output) if self.output_names else outs[0]
 
     def _timed(self, phase: str, start: float) -> None:
         self.hooks.phase_seconds(self.id, phase, time.perf_counter() - start)
@@ -282,7 +325,7 @@ class Model:
     # ------------------------------------------------------------------ Forward
 
     def forward(self, inputs: Sequence[torch.Tensor], retain_graph: bool, eval_mode: bool
-                ) -> tuple[torch.Tensor, str]:
+                ) -> tuple[torch.Tensor | Outputs, str]:
         start = time.perf_counter()
         with self.lock:
             self._expire_graphs()
@@ -293,35 +336,35 @@ class Model:
             try:
                 if not retain_graph:
                     with torch.no_grad():
-                        out = self.run_module(self.prepare_inputs(inputs))
-                    if out.device.type != "cpu":
-                        out = _snapshot(out)
+                        outs = self.run_outputs(self.prepare_inputs(inputs))
+                    if any(out.device.type != "cpu" for out in outs):
+                        outs = [_snapshot(out) for out in outs]
                         _synchronize(self.device)
-                    elif out.requires_grad:  # a plugin may enable grad itself
-                        out = out.detach()
+                    else:  # a plugin may enable grad itself
+                        outs = [out.detach() if out.requires_grad else out for out in outs]
                     self._timed("forward", start)
-                    return out, ""
+                    return self._pack(outs), ""
                 xs = self.prepare_inputs(inputs, requires_grad=True)
-                out = self.run_module(xs)
-                forward_id = self._retain(out, xs)
+                outs = self.run_outputs(xs)
+                forward_id = self._retain(outs, xs)
             finally:
                 self.set_mode(False)
             self._timed("forward", start)
-            out = _snapshot(out)
+            outs = [_snapshot(out) for out in outs]
             _synchronize(self.device)
-            return out, forward_id
+            return self._pack(outs), forward_id
 
     def set_mode(self, eval_mode: bool) -> None:
         """module.train()/eval(), skipped when already there (it walks every submodule)."""
         if self.module.training == eval_mode:
             self.module.train(not eval_mode)
 
-    def _retain(self, output: torch.Tensor, inputs: list[torch.Tensor]) -> str:
-        if not output.requires_grad:
+    def _retain(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> str:
+        if not any(out.requires_grad for out in outputs):
             raise FailedPrecondition("retain_graph: the output does not depend on any trainable "
                                      "parameter or floating input; nothing to differentiate")
         forward_id = uuid.uuid4().hex
-        nbytes = _nbytes([output, *inputs])
+        nbytes = _nbytes([*outputs, *inputs])
         # Refuse before evicting: a graph that can never fit must not cost the others theirs.
         if nbytes > self.limits.max_graph_bytes:
             raise ResourceExhausted(f"retain_graph: this graph holds {nbytes} bytes; the limit "
@@ -331,7 +374,8 @@ class Model:
             self._evict(next(iter(self._graphs)), "the per-model budget "
                         f"(max_graphs={self.limits.max_graphs}, "
                         f"max_graph_mb={_mib(self.limits.max_graph_bytes)}) was reached")
-        self._graphs[forward_id] = _Graph(output, inputs, nbytes, time.monotonic())
+        self._graphs[forward_id] = _Graph(outputs[self.main_output], inputs, nbytes,
+                                          time.monotonic(), outputs)
         self._graph_bytes += nbytes
         self.hooks.graphs(self.id, len(self._graphs), 0)
         return forward_id
@@ -384,49 +428,70 @@ class Model:
         step: bool,
         return_output: bool,
         request_id: str = "",
+        grad_outputs: Sequence[torch.Tensor] = (),
     ) -> BackwardResult:
         with self.mutating():
             return self.once(request_id, lambda: self._backward(
                 inputs, target, forward_id, grad_output, return_grads, return_input_grads,
-                step, return_output))
+                step, return_output, grad_outputs))
 
     def _backward(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None,
                   forward_id: str, grad_output: torch.Tensor | None, return_grads: bool,
-                  return_input_grads: bool, step: bool, return_output: bool) -> BackwardResult:
+                  return_input_grads: bool, step: bool, return_output: bool,
+                  grad_outputs: Sequence[torch.Tensor] = ()) -> BackwardResult:
         start = time.perf_counter()
+        if grad_outputs and (grad_output is not None or target is not None or not forward_id):
+            raise InvalidArgument("grad_outputs: only with forward_id, and instead of "
+                                  "grad_output and target")
         if forward_id:
             if inputs:
                 raise InvalidArgument("inputs: give either inputs (fused) or forward_id, not both")
-            if (grad_output is None) == (target is None) and self.loss_fn.needs_target:
+            if ((grad_output is None) == (target is None) and self.loss_fn.needs_target
+                    and not grad_outputs):
                 raise InvalidArgument("with forward_id give exactly one of target or grad_output")
             graph = self._take_graph(forward_id)
-            out, xs = graph.output, graph.inputs
+            out, xs, outs = graph.output, graph.inputs, graph.outputs
         else:
             if grad_output is not None:
                 raise InvalidArgument("grad_output: only valid with forward_id")
             xs = self.prepare_inputs(inputs, requires_grad=return_input_grads)
             self.set_mode(False)
-            out = self.run_module(xs)
+            outs = self.run_outputs(xs)
+            out = outs[self.main_output]
             self._timed("forward", start)
             start = time.perf_counter()
         loss_value: float | None = None
-        if grad_output is not None:
+        roots: list[torch.Tensor]
+        grads_in: list[torch.Tensor] | None
+        if grad_outputs:
+            if len(grad_outputs) != len(outs):
+                raise InvalidArgument(f"grad_outputs: {len(grad_outputs)} given; the model has "
+                                      f"{len(outs)} output(s) ({', '.join(self.output_names)})")
+            roots, grads_in = [], []
+            for i, (o, g) in enumerate(zip(outs, grad_outputs)):
+                if g.shape != o.shape:
+                    raise InvalidArgument(f"grad_outputs[{i}]: shape {list(g.shape)} does not "
+                                          f"match the output shape {list(o.shape)}")
+                if o.requires_grad:
+                    roots.append(o)
+                    grads_in.append(g.to(device=o.device, dtype=o.dtype))
+        elif grad_output is not None:
             g = self.prepare_target(grad_output)
             assert g is not None
             if g.shape != out.shape:
                 raise InvalidArgument(f"grad_output: shape {list(g.shape)} does not match the "
                                       f"output shape {list(out.shape)}")
-            roots, grads_in = out, g.to(out.dtype)
+            roots, grads_in = [out], [g.to(out.dtype)]
         else:
             loss = self.loss_fn(out, self.prepare_target(target))
             loss_value = float(loss.detach())
-            roots, grads_in = loss, None
+            roots, grads_in = [loss], None
         wanted = [x for x in xs if x.requires_grad] if return_input_grads else []
-        if not roots.requires_grad:
+        if not roots or not all(r.requires_grad for r in roots):
             raise FailedPrecondition("the loss does not depend on any trainable parameter or "
                                      "input; nothing to differentiate")
         try:
-            roots.backward(grads_in)
+            torch.autograd.backward(roots, grads_in)
         except RuntimeError as exc:
             raise InvalidArgument(f"backward failed: {exc}") from None
         self._timed("backward", start)
@@ -441,6 +506,8 @@ class Model:
                                   torch.zeros_like(x, device="cpu") for x in wanted]
         if return_output:
             result.output = _snapshot(out)
+            if self.output_names:
+                result.outputs = [_snapshot(o) for o in outs]
         if step:
             result.step = self._step(zero_grad=True)
         _synchronize(self.device)
