@@ -69,7 +69,7 @@ OPS_BY_KIND: dict[str, str] = {
                    "selu.default celu.default leaky_relu.default hardtanh.default "
                    "hardswish.default hardsigmoid.default softplus.default prelu.default "
                    "sigmoid.default tanh.default softmax.int log_softmax.int _softmax.default "
-                   "_log_softmax.default glu.default logsigmoid.default",
+                   "_log_softmax.default glu.default log_sigmoid.default",
     "arithmetic": "add.Tensor add.Scalar sub.Tensor sub.Scalar rsub.Scalar rsub.Tensor "
                   "mul.Tensor mul.Scalar div.Tensor div.Scalar div.Tensor_mode neg.default "
                   "pow.Tensor_Scalar pow.Tensor_Tensor pow.Scalar reciprocal.default "
@@ -179,12 +179,12 @@ _MEMBERS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
 # Members refused with a reason of their own.
 _REFUSED: tuple[tuple[re.Pattern[str], str], ...] = tuple(
     (re.compile(pattern), why) for pattern, why in (
-        (r"data/constants/custom_obj_.*", "a pickled TorchScript object (custom class "
-                                          "constant); such programs are not accepted"),
-        (r"data/constants/opaque_obj_.*", "a pickled Python object (opaque constant); such "
-                                          "programs are not accepted"),
-        (r"data/(weights|constants)/[^/]*\.pt", "pickled weights (the legacy format); save the "
-                                                "program again with torch.export.save"),
+        (r"data/constants/custom_obj_.*", ("a pickled TorchScript object (custom class "
+                                          "constant); such programs are not accepted")),
+        (r"data/constants/opaque_obj_.*", ("a pickled Python object (opaque constant); such "
+                                          "programs are not accepted")),
+        (r"data/(weights|constants)/[^/]*\.pt", ("pickled weights (the legacy format); save the "
+                                                "program again with torch.export.save")),
         (r"data/aotinductor/.*|data/mtia.*|data/executorch/.*|xl_model_weights/.*",
          "compiled code or a foreign payload; upload the exported program alone"),
     ))
@@ -713,7 +713,7 @@ class _GraphChecker:
                 bad = self.sources(values[name]) & {INPUT, PARAM}
                 if bad:
                     raise _Bad(f"writes in place into argument {name!r}, which may be (a view "
-                               f"of) a model {sorted(bad)[0]}; in-place updates may only touch "
+                               f"of) a model {min(bad)}; in-place updates may only touch "
                                "buffers or tensors the graph made")
             for r in schema.returns:
                 if r.alias_info is None:
@@ -742,11 +742,11 @@ class _GraphChecker:
                     names_j.append(name)
                 outputs.append(names_j)
             elif kind in ("as_sym_int", "as_sym_float", "as_sym_bool"):
-                k, name = _one(value, f"outputs[{j}]")
-                if k != "as_name":
+                key, sym = _one(value, f"outputs[{j}]")
+                if key != "as_name":
                     raise _Bad(f"outputs[{j}]: expected a name")
-                self.define_sym(_str(name, "output name"), f"outputs[{j}]")
-                outputs.append(name)
+                self.define_sym(_str(sym, "output name"), f"outputs[{j}]")
+                outputs.append(sym)
             else:
                 raise _Bad(f"outputs[{j}]: {kind!r} results are not accepted")
         if python and (len(outputs) != 1 or outputs[0] not in self.syms):

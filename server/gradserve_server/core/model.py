@@ -14,7 +14,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..catalog.exported import ArchiveLimits, ExportedModule, build_exported, check_archive, output_index
+from ..catalog.exported import (
+    ArchiveLimits,
+    ExportedModule,
+    build_exported,
+    check_archive,
+    output_index,
+)
 from ..catalog.expressions import ExpressionModule, check_name, compile_expression
 from ..catalog.layers import build_sequential
 from ..catalog.losses import Loss, build_loss
