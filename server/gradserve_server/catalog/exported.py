@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..core.errors import InvalidArgument, ResourceExhausted
 from .layers import MAX_WINDOW, WINDOW_ARGS
@@ -110,10 +111,16 @@ OPS_BY_KIND: dict[str, str] = {
                         "hardtanh_.default leaky_relu_.default elu_.default silu_.default "
                         "dropout_.default clamp_.default masked_fill_.Scalar",
     "symbolic sizes": "sym_size.int sym_numel.default",
+    # Export inserts it before .to(): a re-check of the dtype and device it saw at export time.
+    # Not run (SKIPPED): the model's dtype and device are the server's, so they may differ.
+    "metadata checks (not run)": "_assert_tensor_metadata.default",
 }
 ATEN_PREFIX = "torch.ops.aten."
 OPS: frozenset[str] = frozenset(ATEN_PREFIX + op for ops in OPS_BY_KIND.values()
                                 for op in ops.split())
+
+_VIEW = ATEN_PREFIX + "view.default"
+SKIPPED: frozenset[str] = frozenset({ATEN_PREFIX + "_assert_tensor_metadata.default"})
 
 # Python functions a graph uses for arithmetic on symbolic sizes (e.g. batch * heads); they act
 # on integers only, which the graph check enforces.
@@ -523,6 +530,7 @@ class _Node:
     kwargs: dict[str, Any]
     outputs: list[Any]          # per return: None, a name, or a list of names (Tensor[])
     fresh: bool                 # allocates new memory (counts toward the meta budget)
+    writes: frozenset[str] = frozenset()  # values it updates in place
 
 
 @dataclass
@@ -700,6 +708,7 @@ class _GraphChecker:
                         raise _Bad(f"argument {name!r}={value!r} is out of range; window "
                                    f"arguments are at most {MAX_WINDOW}")
         fresh = True
+        writes: set[str] = set()
         returns_alias: list[frozenset[str]] = []
         if schema is not None:
             written = set(HIDDEN_WRITES.get(target, ()))
@@ -710,6 +719,8 @@ class _GraphChecker:
                     if a.alias_info.is_write:
                         written.add(a.name)
             for name in written & values.keys():
+                refs = values[name] if isinstance(values[name], list) else [values[name]]
+                writes.update(r.name for r in refs if isinstance(r, _Ref))
                 bad = self.sources(values[name]) & {INPUT, PARAM}
                 if bad:
                     raise _Bad(f"writes in place into argument {name!r}, which may be (a view "
@@ -753,7 +764,8 @@ class _GraphChecker:
             raise _Bad("size arithmetic must return one symbolic integer")
         if schema is not None and len(outputs) != len(schema.returns):
             raise _Bad(f"{len(outputs)} results for a schema with {len(schema.returns)}")
-        return _Node(target, fn, args, kwargs, outputs, fresh and not python)
+        return _Node(target, fn, args, kwargs, outputs, fresh and not python,
+                     frozenset(writes))
 
 
 def _fail(msg: str) -> Any:
@@ -1009,6 +1021,12 @@ class CompiledProgram:
 
 
 def _compile(plan: ProgramPlan, device: torch.device) -> CompiledProgram:
+    module, fresh = _graph(plan, device)
+    return CompiledProgram(module, fresh, plan.lifted, len(plan.user_outputs),
+                           [fqn for _, fqn in plan.mutations])
+
+
+def _graph(plan: ProgramPlan, device: torch.device) -> tuple[fx.GraphModule, frozenset[str]]:
     graph = fx.Graph()
     env: dict[str, Any] = {}
     for i, name in enumerate(plan.placeholders):
@@ -1024,8 +1042,18 @@ def _compile(plan: ProgramPlan, device: torch.device) -> CompiledProgram:
         return v
 
     fresh: set[str] = set()
+    written = frozenset().union(*(node.writes for node in plan.nodes))
     for node in plan.nodes:
-        call = graph.call_function(node.fn, tuple(value(a) for a in node.args),
+        if node.target in SKIPPED:
+            continue
+        fn = node.fn
+        if node.target == _VIEW and not set(node.outputs) & written:
+            # view() assumes the strides the export device's kernels produced (CUDA attention
+            # lays out its result differently from CPU's); reshape is the same values and
+            # gradients, a view where one is possible. Kept where an in-place update needs the
+            # alias.
+            fn = torch.ops.aten.reshape.default
+        call = graph.call_function(fn, tuple(value(a) for a in node.args),
                                    {k: value(v) for k, v in node.kwargs.items()})
         if node.fresh:
             fresh.add(call.name)
@@ -1043,13 +1071,11 @@ def _compile(plan: ProgramPlan, device: torch.device) -> CompiledProgram:
                 env[out] = item
     graph.output(tuple(env[n] for n in (*plan.user_outputs, *(v for v, _ in plan.mutations))))
     graph.lint()
-    return CompiledProgram(fx.GraphModule(nn.Module(), graph, class_name="ExportedGraph"),
-                           frozenset(fresh), plan.lifted, len(plan.user_outputs),
-                           [fqn for _, fqn in plan.mutations])
+    return fx.GraphModule(nn.Module(), graph, class_name="ExportedGraph"), frozenset(fresh)
 
 
 class _Budget(fx.Interpreter):
-    """Runs a graph on meta tensors, adding up the bytes its operators allocate."""
+    """Runs a graph on fake tensors, adding up the bytes its operators would allocate."""
 
     def __init__(self, program: CompiledProgram, limit: int) -> None:
         super().__init__(program.module)
@@ -1173,20 +1199,28 @@ class ExportedModule(nn.Module):
         return tuple(out[:program.outputs])
 
     def check_memory(self, inputs: Sequence[torch.Tensor], limit: int) -> None:
-        """Run the graph on meta tensors first; ResourceExhausted if it would allocate > limit.
+        """Run the graph on fake tensors first; ResourceExhausted if it would allocate > limit.
 
+        Fake tensors (torch's FakeTensorMode, what torch.export traces with) carry shape,
+        dtype, strides and device without memory, and pick the same kernels as the real device:
+        plain meta tensors can disagree on strides (CUDA attention) and fail a later view.
         Cached per (mode, input shapes and dtypes): a training loop pays once per batch shape.
         """
         key = (self.training, limit, tuple((tuple(x.shape), x.dtype) for x in inputs))
         if key in self._checked:
             return
         program = self._programs[self.training]
-        meta = {k: torch.empty_like(self._value(k), device="meta") for k in self._slots}
-        xs = [torch.empty_like(x, device="meta") for x in inputs]
+        mode = FakeTensorMode()
+        fake = {k: mode.from_tensor(self._value(k)) for k in self._slots}
+        xs = [mode.from_tensor(x) for x in inputs]
         try:
-            _Budget(program, limit).run(*self._args(program, xs, meta.__getitem__))
-        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError):
-            pass  # the real run reports shape errors in its own words
+            with mode, torch.no_grad():
+                _Budget(program, limit).run(*self._args(program, xs, fake.__getitem__))
+        except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as exc:
+            # Refused rather than run unchecked: whatever fails on fake tensors (shape errors,
+            # data-dependent output sizes) could otherwise hide an allocation after it.
+            raise InvalidArgument(f"inputs: the forward pass failed (checked on fake tensors "
+                                  f"before running): {str(exc)[:500]}") from None
         if len(self._checked) > 256:
             self._checked.clear()
         self._checked[key] = True
