@@ -163,6 +163,8 @@ class ModelInfo:
     loss: str
     optimizer: str
     spec: pb.ModelSpec = field(repr=False)
+    # Output names of a multi-output (exported) model; forward returns a tuple in this order.
+    outputs: tuple[str, ...] = ()
 
     @property
     def parameter_names(self) -> list[str]:
@@ -177,6 +179,7 @@ def model_info(msg: pb.ModelInfo) -> ModelInfo:
                                        p.trainable, p.buffer) for p in msg.parameters),
         inputs=tuple(msg.inputs), retained_graphs=msg.retained_graphs, training=msg.training,
         loss=msg.spec.loss.type, optimizer=msg.spec.optimizer.type, spec=msg.spec,
+        outputs=tuple(msg.outputs),
     )
 
 
@@ -304,12 +307,24 @@ def create_model(
     seed: int | None = None,
     initial_parameters: Mapping[str, Any] | None = None,
     dtype: str = "float32",
+    module: Any = None,
+    example_inputs: Any = None,
+    dynamic_shapes: Any = None,
+    exported: Any = None,
+    loss_output: int | str | None = None,
 ) -> Op[ModelInfo]:
-    given = [x is not None for x in (layers, expression, plugin)]
+    given = [x is not None for x in (layers, expression, plugin, module, exported)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of layers=, expression= or plugin=")
+        raise ValueError("give exactly one of layers=, expression=, plugin=, module= or "
+                         "exported=")
     spec = pb.ModelSpec(frozen=list(frozen), dtype=codec.dtype_wire(dtype))
-    if layers is not None:
+    if module is not None or exported is not None:  # gradserve.export (imports torch)
+        from .export import exported_source
+
+        spec.exported.CopyFrom(exported_source(
+            module=module, example_inputs=example_inputs, exported=exported,
+            dynamic_shapes=dynamic_shapes, loss_output=loss_output, seed=seed))
+    elif layers is not None:
         spec.layers.SetInParent()  # an empty list is still "layers" (the server says what's wrong)
         for i, layer in enumerate(layers):
             layer = dict(layer)
@@ -356,9 +371,15 @@ def forward(model_id: str, inputs: Sequence[Any], retain_graph: bool, eval_mode:
         inputs=[tensor_part(x, f"inputs[{i}]", payloads, ("inputs", i))
                 for i, x in enumerate(inputs)]), payloads)
     if retain_graph:
-        return Op("Forward", req, lambda r: ForwardResult(codec.decode(r.output, "output"),
-                                                          r.forward_id))
-    return Op("Forward", req, lambda r: codec.decode(r.output, "output"))
+        return Op("Forward", req, lambda r: ForwardResult(outputs(r), r.forward_id))
+    return Op("Forward", req, outputs)
+
+
+def outputs(r: Any) -> Any:
+    """The output; a tuple of every output for a model with several (ModelInfo.outputs)."""
+    if len(r.outputs):
+        return tuple(codec.decode(t, f"outputs[{i}]") for i, t in enumerate(r.outputs))
+    return codec.decode(r.output, "output")
 
 
 def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: Any = None, *,
@@ -375,7 +396,10 @@ def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: An
         return_output=return_output, request_id=request_id())
     if target is not None:
         msg.target.CopyFrom(tensor_part(target, "target", payloads, ("target",)))
-    if grad_output is not None:
+    if isinstance(grad_output, tuple):  # one per output of a multi-output model
+        msg.grad_outputs.extend(tensor_part(g, f"grad_output[{i}]", payloads, ("grad_outputs", i))
+                                for i, g in enumerate(grad_output))
+    elif grad_output is not None:
         msg.grad_output.CopyFrom(tensor_part(grad_output, "grad_output", payloads,
                                              ("grad_output",)))
     req = _wire.framed(msg, payloads)
@@ -385,7 +409,7 @@ def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: An
             loss=r.loss if r.HasField("loss") else None, step=r.step,
             grads=decode_named(r.grads, order),
             input_grads=[codec.decode(t, "input_grads") for t in r.input_grads],
-            output=codec.decode(r.output, "output") if r.HasField("output") else None)
+            output=outputs(r) if r.HasField("output") else None)
 
     return Op("Backward", req, decode)
 

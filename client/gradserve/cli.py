@@ -311,13 +311,22 @@ def cmd_models_delete(client: Client, args: argparse.Namespace, out: Output) -> 
 
 
 def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
-    spec = load_spec(args.spec)
+    if not args.spec and not args.exported:
+        raise UsageError("give a spec file, --exported FILE.pt2, or both")
+    spec = load_spec(args.spec) if args.spec else {}
+    if args.exported:
+        spec["exported"] = args.exported
+    if isinstance(spec.get("exported"), str):  # a path: the archive's bytes go to the server
+        try:
+            spec["exported"] = Path(spec["exported"]).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"exported: cannot read {spec['exported']}: {exc}") from None
     if args.id:
         spec["model_id"] = args.id
     try:
         model = client.create_model(**spec)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"{args.spec}: {exc}") from None
+        raise UsageError(f"{args.spec or args.exported}: {exc}") from None
     out.emit(_model_json(model.info), lambda: _show_model(model.info))
     return 0
 
@@ -623,8 +632,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p = leaf(commands, "create", cmd_create,
              "create a model from a JSON or YAML spec (the keyword arguments of "
              "Client.create_model: layers/expression/plugin, loss, optimizer, seed, ...)")
-    p.add_argument("spec", help="spec file (.json, .yaml or .yml)")
+    p.add_argument("spec", nargs="?", help="spec file (.json, .yaml or .yml)")
     p.add_argument("--id", help="model id (overrides model_id in the spec)")
+    p.add_argument("--exported", metavar="FILE.pt2",
+                   help="a torch.export archive (torch.export.save); the spec file, if any, "
+                        "adds loss, optimizer, loss_output, ...")
 
     p = leaf(commands, "train", cmd_train, "train a model on the server with a progress bar")
     _train_options(p)

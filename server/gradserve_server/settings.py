@@ -87,6 +87,11 @@ class Settings:
     max_compute_mb: int = _opt(0, "MiB one call may allocate for outputs and intermediates, "
                                "estimated before it runs (0: whatever the budget has free)",
                                min=0)
+    max_exported_mb: int = _opt(64, "MiB of one uploaded torch.export archive (exported models)",
+                                min=1)
+    max_exported_nodes: int = _opt(10_000, "graph nodes of one exported program", min=1)
+    exported_ops: str = _opt("", "ATen operators to add to the exported-model allow-list, "
+                             "comma-separated (e.g. aten.erfinv.default; docs/exported.md)")
     step_buckets: str = _opt(",".join(str(b) for b in DEFAULT_BUCKETS),
                              "step latency histogram buckets in seconds, comma-separated")
     # durability
@@ -117,7 +122,13 @@ class Settings:
             request_id_window=self.request_id_window,
             request_id_window_bytes=self.request_id_window_mb * mib, max_memory_bytes=memory,
             max_compute_bytes=self.max_compute_mb * mib, memory_source=source,
+            max_exported_bytes=self.max_exported_mb * mib,
+            max_exported_nodes=self.max_exported_nodes, exported_ops=self.extra_ops,
         )
+
+    @property
+    def extra_ops(self) -> tuple[str, ...]:
+        return tuple(op.strip() for op in self.exported_ops.split(",") if op.strip())
 
     @property
     def buckets(self) -> tuple[float, ...]:
@@ -167,6 +178,14 @@ class Settings:
             buckets = self.buckets
         except ValueError:
             buckets = ()
+        if self.max_exported_mb < 1 or self.max_exported_nodes < 1:
+            parser.error("--max-exported-mb and --max-exported-nodes must be >= 1")
+        from .catalog.exported import check_extra_ops  # imports torch: only when validating
+
+        try:
+            check_extra_ops(self.extra_ops)
+        except ValueError as exc:
+            parser.error(f"--exported-ops: {exc}")
         if len(buckets) < 2 or buckets[0] <= 0 or len(set(buckets)) != len(buckets):
             parser.error(f"--step-buckets: expected at least two distinct positive numbers of "
                          f"seconds, comma-separated; got {self.step_buckets!r}")

@@ -20,3 +20,6 @@ class Limits:
     max_memory_bytes: int = 0                   # the server-wide memory budget (0: none)
     max_compute_bytes: int = 0                  # estimated allocations of one call (0: budget)
     memory_source: str = ""                     # where max_memory_bytes came from (start log)
+    max_exported_bytes: int = 64 * 1024 * 1024  # bytes of one torch.export archive
+    max_exported_nodes: int = 10_000            # graph nodes of one exported program
+    exported_ops: tuple[str, ...] = ()          # ATen operators added to the allow-list

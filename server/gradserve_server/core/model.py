@@ -15,6 +15,13 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..catalog.exported import (
+    ArchiveLimits,
+    ExportedModule,
+    build_exported,
+    check_archive,
+    output_index,
+)
 from ..catalog.expressions import ExpressionModule, check_name, compile_expression
 from ..catalog.layers import build_sequential
 from ..catalog.losses import Loss, build_loss
@@ -49,6 +56,15 @@ class BackwardResult:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     input_grads: list[torch.Tensor] = field(default_factory=list)
     output: torch.Tensor | None = None
+    outputs: list[torch.Tensor] = field(default_factory=list)  # all, for multi-output models
+
+
+@dataclass
+class Outputs:
+    """Every output of a multi-output model and the index of the one the loss applies to."""
+
+    tensors: list[torch.Tensor]
+    main: int
 
 
 @dataclass
@@ -57,6 +73,7 @@ class _Graph:
     inputs: list[torch.Tensor]
     nbytes: int
     created: float
+    outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
@@ -139,15 +156,18 @@ class ModelRNG:
 def _fresh_seed() -> int:
     """A seed for a model created without one (never the global generator's next state)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
-def _meta_size(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, int, int]:
+def _meta_size(spec: ModelSpec, dtype: torch.dtype, limits: Limits) -> tuple[int, int, int]:
     """(parameter and buffer elements, their bytes, trainable parameter bytes), on meta tensors."""
+    size = torch.empty((), dtype=dtype).element_size()
     if spec.source == "expression":
-        size = torch.empty((), dtype=dtype).element_size()
         count = sum(v.numel() for v in spec.parameters.values())
         frozen = sum(v.numel() for k, v in spec.parameters.items() if k in spec.frozen)
         return count, count * size, (count - frozen) * size
+    if spec.source == "exported":  # counted from the archive's tables, nothing read yet
+        count = check_archive(spec.exported, archive_limits(limits)).num_elements
+        return count, count * size, count * size
     with torch.device("meta"):
-        module = _build_module(spec, dtype).to(dtype=dtype)
+        module = _build_module(spec, dtype, limits, torch.device("meta")).to(dtype=dtype)
     # Buffers count too: BatchNorm1d(10**9, affine=False) has no parameters but would
     # allocate gigabytes of running statistics.
     tensors = (*module.parameters(), *module.buffers())
@@ -155,7 +175,15 @@ def _meta_size(spec: ModelSpec, dtype: torch.dtype) -> tuple[int, int, int]:
     return sum(t.numel() for t in tensors), sum(t.nbytes for t in tensors), trainable
 
 
-def _build_module(spec: ModelSpec, dtype: torch.dtype) -> nn.Module:
+def archive_limits(limits: Limits) -> ArchiveLimits:
+    return ArchiveLimits(limits.max_exported_bytes, limits.max_exported_nodes,
+                         limits.max_parameters, limits.exported_ops)
+
+
+def _build_module(spec: ModelSpec, dtype: torch.dtype, limits: Limits,
+                  device: torch.device) -> nn.Module:
+    if spec.source == "exported":
+        return build_exported(spec.exported, archive_limits(limits), device)
     if spec.source == "layers":
         return build_sequential(spec.layers)
     if spec.source == "expression":
@@ -203,10 +231,21 @@ class Model:
             cuda = [device] if device.type == "cuda" else []
             with _RNG_LOCK, torch.random.fork_rng(devices=cuda):
                 torch.manual_seed(seed)
-                module = _build_module(spec, dtype)
+                module = _build_module(spec, dtype, limits, device)
                 # The stream continues where initialisation left it, as in local code.
                 self.rng = ModelRNG.capture(device)
             self.draws_random = _draws_random(spec, module)
+            # Exported models: inputs and outputs by name, and which output the loss applies to.
+            self.exported = module if isinstance(module, ExportedModule) else None
+            self.input_names = (self.exported.input_names if self.exported is not None
+                                else list(spec.inputs))
+            self.output_names: list[str] = []
+            self.main_output = 0
+            if self.exported is not None:
+                self.main_output = output_index(self.exported.output_names, spec.output_index,
+                                                spec.output_name)
+                if self.exported.num_outputs > 1:
+                    self.output_names = self.exported.output_names
             self.module: nn.Module = module.to(dtype=dtype).to(device)
             self.module.train()
             self._apply_initial(spec.initial_parameters)
@@ -253,7 +292,7 @@ class Model:
         Charged: parameters and buffers, a gradient per trainable parameter and the optimizer's
         state (catalog.optimizers.STATE_TENSORS). Returns the trainable bytes.
         """
-        count, nbytes, trainable = _meta_size(spec, dtype)
+        count, nbytes, trainable = _meta_size(spec, dtype, self.limits)
         if count > self.limits.max_parameters:
             raise ResourceExhausted(
                 f"spec: the model has {count} parameter and buffer elements; the limit "
@@ -321,8 +360,8 @@ class Model:
             "model_id": self.id, "spec": self.spec, "parameters": entries,
             "step": self.step_count, "device": str(self.device),
             "num_parameters": sum(p.numel() for p in params.values()),
-            "inputs": list(self.spec.inputs), "retained_graphs": len(self._graphs),
-            "training": self.training_run is not None,
+            "inputs": list(self.input_names), "retained_graphs": len(self._graphs),
+            "training": self.training_run is not None, "outputs": list(self.output_names),
         }
 
     # ------------------------------------------------------------------ request plumbing
@@ -367,10 +406,10 @@ class Model:
     def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False
                        ) -> list[torch.Tensor]:
         """Move inputs to the device; floating ones take the model dtype (documented rule)."""
-        expected = len(self.spec.inputs) if self.spec.source == "expression" else (
+        expected = len(self.input_names) if self.spec.source in ("expression", "exported") else (
             1 if self.spec.source == "layers" else None)
         if expected is not None and len(inputs) != expected:
-            names = f" ({', '.join(self.spec.inputs)})" if self.spec.inputs else ""
+            names = f" ({', '.join(self.input_names)})" if self.input_names else ""
             raise InvalidArgument(f"inputs: the model takes {expected} input(s){names}, "
                                   f"got {len(inputs)}")
         out = []
@@ -398,13 +437,16 @@ class Model:
             target = target.to(device=self.device, non_blocking=True)
         return target
 
-    def run_module(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """module(*inputs), turning torch's shape/dtype complaints into INVALID_ARGUMENT.
+    def run_outputs(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """module(*inputs) as a list of outputs, turning torch's shape/dtype complaints into
+        INVALID_ARGUMENT. Exported graphs are first run on fake tensors against max_graph_mb.
 
         In training mode the model changes (BatchNorm statistics, its random stream): the
         version moves, and a model that draws random numbers draws from its own stream.
         """
         try:
+            if self.exported is not None:
+                self.exported.check_memory(inputs, self.limits.max_graph_bytes)
             if self.module.training:
                 self.version += 1
                 if self.draws_random:
@@ -414,6 +456,8 @@ class Model:
                     out = self.module(*inputs)
             else:
                 out = self.module(*inputs)
+            if self.exported is not None:
+                return list(out)
         except InvalidArgument:
             raise
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -421,7 +465,14 @@ class Model:
         if not isinstance(out, torch.Tensor):
             raise InvalidArgument("the model returned a non-tensor output; plugins must return "
                                   "one tensor")
-        return out
+        return [out]
+
+    def run_module(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The output the loss applies to (the only one, except for multi-output models)."""
+        return self.run_outputs(inputs)[self.main_output]
+
+    def _pack(self, outs: list[torch.Tensor]) -> torch.Tensor | Outputs:
+        return Outputs(outs, self.main_output) if self.output_names else outs[0]
 
     @property
     def trainable_bytes(self) -> int:
@@ -495,7 +546,7 @@ class Model:
     # ------------------------------------------------------------------ Forward
 
     def forward(self, inputs: Sequence[torch.Tensor], retain_graph: bool, eval_mode: bool
-                ) -> tuple[torch.Tensor, str]:
+                ) -> tuple[torch.Tensor | Outputs, str]:
         start = time.perf_counter()
         with self.request_bytes(inputs, "Forward"), self.lock:
             self._expire_graphs()
@@ -508,14 +559,14 @@ class Model:
                     xs = self.prepare_inputs(inputs)
                     est = self.estimate_call(estimate.FORWARD, xs, eval_mode)
                     with self.reserve_call(est.peak, "Forward", xs), torch.no_grad():
-                        out = self.run_module(xs)
-                        if out.device.type != "cpu":
-                            out = _snapshot(out)
+                        outs = self.run_outputs(xs)
+                        if any(out.device.type != "cpu" for out in outs):
+                            outs = [_snapshot(out) for out in outs]
                             _synchronize(self.device)
-                        elif out.requires_grad:  # a plugin may enable grad itself
-                            out = out.detach()
+                        else:  # a plugin may enable grad itself
+                            outs = [out.detach() if out.requires_grad else out for out in outs]
                     self._timed("forward", start)
-                    return out, ""
+                    return self._pack(outs), ""
                 xs = self.prepare_inputs(inputs, requires_grad=True)
                 est = self.estimate_call(estimate.RETAIN, xs, eval_mode)
                 held = nbytes_of(xs)
@@ -527,15 +578,16 @@ class Model:
                     saved = estimate.SavedBytes(
                         self._state_storages() | {estimate.storage_key(x) for x in xs})
                     with saved.hooks():
-                        out = self.run_module(xs)
-                    kept = 0 if estimate.storage_key(out) in saved.seen else out.nbytes
-                    forward_id = self._retain(out, xs, held + saved.nbytes + kept, reservation)
-                    out = _snapshot(out)
+                        outs = self.run_outputs(xs)
+                    kept = sum(0 if estimate.storage_key(out) in saved.seen else out.nbytes
+                               for out in outs)
+                    forward_id = self._retain(outs, xs, held + saved.nbytes + kept, reservation)
+                    outs = [_snapshot(out) for out in outs]
             finally:
                 self.set_mode(False)
             self._timed("forward", start)
             _synchronize(self.device)
-            return out, forward_id
+            return self._pack(outs), forward_id
 
     def set_mode(self, eval_mode: bool) -> None:
         """module.train()/eval(), skipped when already there (it walks every submodule)."""
@@ -548,11 +600,11 @@ class Model:
             f"saves for backward); the limit (max_graph_mb) is "
             f"{_mib(self.limits.max_graph_bytes)}")
 
-    def _retain(self, output: torch.Tensor, inputs: list[torch.Tensor], nbytes: int,
+    def _retain(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], nbytes: int,
                 reservation: Reservation) -> str:
-        """Keep the graph: nbytes (inputs, output, saved tensors) move from the call's
+        """Keep the graph: nbytes (inputs, outputs, saved tensors) move from the call's
         reservation to the budget's retained graphs."""
-        if not output.requires_grad:
+        if not any(out.requires_grad for out in outputs):
             raise FailedPrecondition("retain_graph: the output does not depend on any trainable "
                                      "parameter or floating input; nothing to differentiate")
         forward_id = uuid.uuid4().hex
@@ -565,7 +617,8 @@ class Model:
             self._evict(next(iter(self._graphs)), "the per-model budget "
                         f"(max_graphs={self.limits.max_graphs}, "
                         f"max_graph_mb={_mib(self.limits.max_graph_bytes)}) was reached")
-        self._graphs[forward_id] = _Graph(output, inputs, nbytes, time.monotonic())
+        self._graphs[forward_id] = _Graph(outputs[self.main_output], inputs, nbytes,
+                                          time.monotonic(), outputs)
         self._graph_bytes += nbytes
         self.hooks.graphs(self.id, len(self._graphs), 0)
         return forward_id
@@ -621,22 +674,27 @@ class Model:
         step: bool,
         return_output: bool,
         request_id: str = "",
+        grad_outputs: Sequence[torch.Tensor] = (),
     ) -> BackwardResult:
-        sent = [*inputs, *(t for t in (target, grad_output) if t is not None)]
+        sent = [*inputs, *grad_outputs, *(t for t in (target, grad_output) if t is not None)]
         with self.request_bytes(sent, "Backward"), self.mutating(), ExitStack() as held:
             return self.once(
                 "Backward", request_id,
                 lambda: (list(inputs), target, forward_id, grad_output, return_grads,
-                         return_input_grads, step, return_output),
+                         return_input_grads, step, return_output, list(grad_outputs)),
                 lambda: self._backward(inputs, target, forward_id, grad_output, return_grads,
-                                       return_input_grads, step, return_output, held))
+                                       return_input_grads, step, return_output, held,
+                                       grad_outputs))
 
     def _backward(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None,
                   forward_id: str, grad_output: torch.Tensor | None, return_grads: bool,
                   return_input_grads: bool, step: bool, return_output: bool,
-                  held: ExitStack) -> BackwardResult:
+                  held: ExitStack, grad_outputs: Sequence[torch.Tensor] = ()) -> BackwardResult:
         """held: the call's budget reservations end with it."""
         start = time.perf_counter()
+        if grad_outputs and (grad_output is not None or target is not None or not forward_id):
+            raise InvalidArgument("grad_outputs: only with forward_id, and instead of "
+                                  "grad_output and target")
         # Copies this call returns (grads, input grads, output) and the optimizer's temporaries.
         copies = ((self._trainable_bytes if return_grads else 0)
                   + (self._trainable_bytes if step else 0))
@@ -644,14 +702,15 @@ class Model:
         if forward_id:
             if inputs:
                 raise InvalidArgument("inputs: give either inputs (fused) or forward_id, not both")
-            if (grad_output is None) == (target is None) and self.loss_fn.needs_target:
+            if ((grad_output is None) == (target is None) and self.loss_fn.needs_target
+                    and not grad_outputs):
                 raise InvalidArgument("with forward_id give exactly one of target or grad_output")
             graph, reservation = self._take_graph(forward_id)
             # The graph's bytes stay reserved while backward runs through it: the gradients it
             # produces take about as much again (a heuristic; the graph was measured exactly).
             held.enter_context(reservation)
-            out, xs = graph.output, graph.inputs
-            copies += graph.nbytes + (out.nbytes if return_output else 0)
+            out, xs, outs = graph.output, graph.inputs, graph.outputs
+            copies += graph.nbytes + (nbytes_of(outs) if return_output else 0)
             held.enter_context(self.reserve_call(copies, "Backward(forward_id)"))
         else:
             if grad_output is not None:
@@ -662,27 +721,42 @@ class Model:
                        + (est.output if return_output else 0))
             held.enter_context(self.reserve_call(est.peak + copies, "Backward", xs))
             self.set_mode(False)
-            out = self.run_module(xs)
+            outs = self.run_outputs(xs)
+            out = outs[self.main_output]
             self._timed("forward", start)
             start = time.perf_counter()
         loss_value: float | None = None
-        if grad_output is not None:
+        roots: list[torch.Tensor]
+        grads_in: list[torch.Tensor] | None
+        if grad_outputs:
+            if len(grad_outputs) != len(outs):
+                raise InvalidArgument(f"grad_outputs: {len(grad_outputs)} given; the model has "
+                                      f"{len(outs)} output(s) ({', '.join(self.output_names)})")
+            roots, grads_in = [], []
+            for i, (o, g) in enumerate(zip(outs, grad_outputs)):
+                if g.shape != o.shape:
+                    raise InvalidArgument(f"grad_outputs[{i}]: shape {list(g.shape)} does not "
+                                          f"match the output shape {list(o.shape)}")
+                if o.requires_grad:
+                    roots.append(o)
+                    grads_in.append(g.to(device=o.device, dtype=o.dtype))
+        elif grad_output is not None:
             g = self.prepare_target(grad_output)
             assert g is not None
             if g.shape != out.shape:
                 raise InvalidArgument(f"grad_output: shape {list(g.shape)} does not match the "
                                       f"output shape {list(out.shape)}")
-            roots, grads_in = out, g.to(out.dtype)
+            roots, grads_in = [out], [g.to(out.dtype)]
         else:
             loss = self.loss_fn(out, y)
             loss_value = float(loss.detach())
-            roots, grads_in = loss, None
+            roots, grads_in = [loss], None
         wanted = [x for x in xs if x.requires_grad] if return_input_grads else []
-        if not roots.requires_grad:
+        if not roots or not all(r.requires_grad for r in roots):
             raise FailedPrecondition("the loss does not depend on any trainable parameter or "
                                      "input; nothing to differentiate")
         try:
-            roots.backward(grads_in)
+            torch.autograd.backward(roots, grads_in)
         except RuntimeError as exc:
             raise InvalidArgument(f"backward failed: {exc}") from None
         self._timed("backward", start)
@@ -697,6 +771,8 @@ class Model:
                                   torch.zeros_like(x, device="cpu") for x in wanted]
         if return_output:
             result.output = _snapshot(out)
+            if self.output_names:
+                result.outputs = [_snapshot(o) for o in outs]
         if step:
             result.step = self._step(zero_grad=True)
         _synchronize(self.device)

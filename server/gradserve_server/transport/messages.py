@@ -8,13 +8,12 @@ from typing import Any
 
 import torch
 from google.protobuf import json_format, struct_pb2
-
 from gradserve import _wire, codec
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from ..core.datasets import TensorLayout, TrainData
 from ..core.errors import InvalidArgument
-from ..core.model import BackwardResult
+from ..core.model import BackwardResult, Outputs
 from ..core.spec import FLOAT_DTYPES, ModelSpec
 from ..core.trainer import Event, StreamResult, TrainOptions
 
@@ -78,7 +77,7 @@ def _float_dtype(wire: int) -> str:
 def spec_in(msg: pb.ModelSpec) -> ModelSpec:
     source = msg.WhichOneof("source")
     if source is None:
-        raise InvalidArgument("spec: set exactly one of layers, expression or plugin")
+        raise InvalidArgument("spec: set exactly one of layers, expression, plugin or exported")
     spec = ModelSpec(source=source)
     if source == "layers":
         spec.layers = [{"type": layer.type,
@@ -88,6 +87,10 @@ def spec_in(msg: pb.ModelSpec) -> ModelSpec:
         spec.expression = msg.expression.expression
         spec.inputs = list(msg.expression.inputs)
         spec.parameters = named_in(msg.expression.parameters, "spec.expression.parameters")
+    elif source == "exported":
+        spec.exported = msg.exported.archive
+        spec.output_index = msg.exported.output_index
+        spec.output_name = msg.exported.output_name
     else:
         spec.plugin = msg.plugin.name
         spec.plugin_kwargs = struct_in(msg.plugin.kwargs, "spec.plugin.kwargs")
@@ -122,6 +125,12 @@ def spec_out(spec: ModelSpec) -> pb.ModelSpec:
         msg.expression.inputs.extend(spec.inputs)
         for name, value in spec.parameters.items():
             msg.expression.parameters[name].CopyFrom(codec.encode(value))
+    elif spec.source == "exported":  # the archive stays out of ModelInfo (it may be large)
+        msg.exported.SetInParent()
+        if spec.output_name:
+            msg.exported.output_name = spec.output_name
+        elif spec.output_index:
+            msg.exported.output_index = spec.output_index
     else:
         msg.plugin.name = spec.plugin
         msg.plugin.kwargs.CopyFrom(struct_out(spec.plugin_kwargs))
@@ -137,7 +146,7 @@ def model_info(desc: Mapping[str, Any]) -> pb.ModelInfo:
                     for p in desc["parameters"]],
         step=desc["step"], device=desc["device"], num_parameters=desc["num_parameters"],
         inputs=desc["inputs"], retained_graphs=desc["retained_graphs"],
-        training=desc["training"],
+        training=desc["training"], outputs=desc.get("outputs", []),
     )
 
 
@@ -153,12 +162,20 @@ def backward_out(result: BackwardResult, request: Any = None, shm: Any = None) -
         msg.loss = result.loss
     if result.output is not None:
         msg.output.CopyFrom(_part(result.output, payloads, ("output",)))
+    msg.outputs.extend(_part(t, payloads, ("outputs", i)) for i, t in enumerate(result.outputs))
     return _reply(msg, payloads, request, shm)
 
 
-def forward_out(out: torch.Tensor, forward_id: str, request: Any = None, shm: Any = None) -> Any:
+def forward_out(out: torch.Tensor | Outputs, forward_id: str, request: Any = None,
+                shm: Any = None) -> Any:
+    """The reply; a multi-output model's outputs all go in outputs, the loss output in output."""
     payloads: dict[Any, Any] = {}
-    msg = pb.ForwardResponse(output=_part(out, payloads, ("output",)), forward_id=forward_id)
+    if isinstance(out, Outputs):
+        msg = pb.ForwardResponse(
+            output=_part(out.tensors[out.main], payloads, ("output",)), forward_id=forward_id,
+            outputs=[_part(t, payloads, ("outputs", i)) for i, t in enumerate(out.tensors)])
+    else:
+        msg = pb.ForwardResponse(output=_part(out, payloads, ("output",)), forward_id=forward_id)
     return _reply(msg, payloads, request, shm)
 
 

@@ -91,6 +91,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             target=m.optional_tensor(request, "target", "target"),
             forward_id=request.forward_id,
             grad_output=m.optional_tensor(request, "grad_output", "grad_output"),
+            grad_outputs=m.tensors_in(request.grad_outputs, "grad_outputs"),
             return_grads=request.return_grads, return_input_grads=request.return_input_grads,
             step=request.step, return_output=request.return_output,
             request_id=request.request_id,

@@ -84,7 +84,7 @@ class SharedMemoryRef(_message.Message):
     def __init__(self, region_id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("layers", "expression", "plugin", "loss", "optimizer", "seed", "initial_parameters", "frozen", "dtype")
+    __slots__ = ("layers", "expression", "plugin", "exported", "loss", "optimizer", "seed", "initial_parameters", "frozen", "dtype")
     class InitialParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class ModelSpec(_message.Message):
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     EXPRESSION_FIELD_NUMBER: _ClassVar[int]
     PLUGIN_FIELD_NUMBER: _ClassVar[int]
+    EXPORTED_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -104,13 +105,14 @@ class ModelSpec(_message.Message):
     layers: LayersSource
     expression: ExpressionSource
     plugin: PluginSource
+    exported: ExportedSource
     loss: LossSpec
     optimizer: OptimizerSpec
     seed: int
     initial_parameters: _containers.MessageMap[str, Tensor]
     frozen: _containers.RepeatedScalarFieldContainer[str]
     dtype: DType
-    def __init__(self, layers: _Optional[_Union[LayersSource, _Mapping]] = ..., expression: _Optional[_Union[ExpressionSource, _Mapping]] = ..., plugin: _Optional[_Union[PluginSource, _Mapping]] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., seed: _Optional[int] = ..., initial_parameters: _Optional[_Mapping[str, Tensor]] = ..., frozen: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    def __init__(self, layers: _Optional[_Union[LayersSource, _Mapping]] = ..., expression: _Optional[_Union[ExpressionSource, _Mapping]] = ..., plugin: _Optional[_Union[PluginSource, _Mapping]] = ..., exported: _Optional[_Union[ExportedSource, _Mapping]] = ..., loss: _Optional[_Union[LossSpec, _Mapping]] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., seed: _Optional[int] = ..., initial_parameters: _Optional[_Mapping[str, Tensor]] = ..., frozen: _Optional[_Iterable[str]] = ..., dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("type", "kwargs")
@@ -151,6 +153,16 @@ class PluginSource(_message.Message):
     kwargs: _struct_pb2.Struct
     def __init__(self, name: _Optional[str] = ..., kwargs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class ExportedSource(_message.Message):
+    __slots__ = ("archive", "output_index", "output_name")
+    ARCHIVE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NAME_FIELD_NUMBER: _ClassVar[int]
+    archive: bytes
+    output_index: int
+    output_name: str
+    def __init__(self, archive: _Optional[bytes] = ..., output_index: _Optional[int] = ..., output_name: _Optional[str] = ...) -> None: ...
+
 class LossSpec(_message.Message):
     __slots__ = ("type", "reduction", "kwargs")
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -184,7 +196,7 @@ class ParameterInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., trainable: _Optional[bool] = ..., buffer: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "spec", "parameters", "step", "device", "num_parameters", "inputs", "retained_graphs", "training")
+    __slots__ = ("model_id", "spec", "parameters", "step", "device", "num_parameters", "inputs", "retained_graphs", "training", "outputs")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +206,7 @@ class ModelInfo(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RETAINED_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     spec: ModelSpec
     parameters: _containers.RepeatedCompositeFieldContainer[ParameterInfo]
@@ -203,7 +216,8 @@ class ModelInfo(_message.Message):
     inputs: _containers.RepeatedScalarFieldContainer[str]
     retained_graphs: int
     training: bool
-    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., step: _Optional[int] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., inputs: _Optional[_Iterable[str]] = ..., retained_graphs: _Optional[int] = ..., training: _Optional[bool] = ...) -> None: ...
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., parameters: _Optional[_Iterable[_Union[ParameterInfo, _Mapping]]] = ..., step: _Optional[int] = ..., device: _Optional[str] = ..., num_parameters: _Optional[int] = ..., inputs: _Optional[_Iterable[str]] = ..., retained_graphs: _Optional[int] = ..., training: _Optional[bool] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("model_id", "spec")
@@ -254,15 +268,17 @@ class ForwardRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., retain_graph: _Optional[bool] = ..., eval_mode: _Optional[bool] = ..., shm_reply: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("output", "forward_id")
+    __slots__ = ("output", "forward_id", "outputs")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     forward_id: str
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("model_id", "inputs", "target", "forward_id", "grad_output", "return_grads", "return_input_grads", "step", "return_output", "request_id", "shm_reply")
+    __slots__ = ("model_id", "inputs", "target", "forward_id", "grad_output", "return_grads", "return_input_grads", "step", "return_output", "request_id", "grad_outputs", "shm_reply")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +289,7 @@ class BackwardRequest(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     RETURN_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     SHM_REPLY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     inputs: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -284,11 +301,12 @@ class BackwardRequest(_message.Message):
     step: bool
     return_output: bool
     request_id: str
+    grad_outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
     shm_reply: SharedMemoryRef
-    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., return_grads: _Optional[bool] = ..., return_input_grads: _Optional[bool] = ..., step: _Optional[bool] = ..., return_output: _Optional[bool] = ..., request_id: _Optional[str] = ..., shm_reply: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., return_grads: _Optional[bool] = ..., return_input_grads: _Optional[bool] = ..., step: _Optional[bool] = ..., return_output: _Optional[bool] = ..., request_id: _Optional[str] = ..., grad_outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., shm_reply: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("loss", "grads", "input_grads", "step", "output")
+    __slots__ = ("loss", "grads", "input_grads", "step", "output", "outputs")
     class GradsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -301,12 +319,14 @@ class BackwardResponse(_message.Message):
     INPUT_GRADS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     grads: _containers.MessageMap[str, Tensor]
     input_grads: _containers.RepeatedCompositeFieldContainer[Tensor]
     step: int
     output: Tensor
-    def __init__(self, loss: _Optional[float] = ..., grads: _Optional[_Mapping[str, Tensor]] = ..., input_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., step: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, loss: _Optional[float] = ..., grads: _Optional[_Mapping[str, Tensor]] = ..., input_grads: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., step: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("model_id", "keep_grad", "request_id")
