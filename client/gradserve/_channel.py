@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from . import _wire
+from . import wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
 from ._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
@@ -80,7 +80,7 @@ def backoff(retries: int) -> Iterator[float]:
         delay = min(delay * 2, 2.0)
 
 
-# RPCs whose tensors may be large: framed by _wire on both sides (same bytes on the wire).
+# RPCs whose tensors may be large: framed by gradserve.wire on both sides (same bytes on the wire).
 FRAMED = {"Forward": pb.ForwardResponse, "Backward": pb.BackwardResponse}
 
 
@@ -90,11 +90,11 @@ def _serialize(request: Any) -> bytes:
 
 def stub(channel: Any) -> pb_grpc.GradientServiceStub:
     """The generated stub (sync or asyncio channel), with Forward and Backward (de)serialized
-    by _wire: their large tensors skip protobuf's copies."""
+    by gradserve.wire: their large tensors skip protobuf's copies."""
     s = pb_grpc.GradientServiceStub(channel)
     for rpc, reply in FRAMED.items():
         setattr(s, rpc, channel.unary_unary(
             f"/gradserve.v1.GradientService/{rpc}", request_serializer=_serialize,
-            response_deserializer=lambda data, cls=reply: _wire.split(data, cls),
+            response_deserializer=lambda data, cls=reply: wire.split(data, cls),
             _registered_method=True))
     return s

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from google.protobuf import struct_pb2
 
-from . import _channel, _wire, codec
+from . import _channel, codec, wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
 from .errors import GradServeError
 
@@ -102,9 +102,9 @@ def tensor(value: Any, what: str = "tensor") -> pb.Tensor:
 
 def tensor_part(value: Any, what: str, payloads: dict[Any, Any], path: tuple[Any, ...]
                 ) -> pb.Tensor:
-    """tensor(), but a large payload goes into payloads[path] (a zero-copy view, see _wire)."""
+    """tensor(), but a large payload goes into payloads[path] (a zero-copy view, see gradserve.wire)."""
     try:
-        msg, payload = codec.encode_parts(value, minimum=_wire.MIN_PAYLOAD)
+        msg, payload = codec.encode_parts(value, minimum=wire.MIN_PAYLOAD)
     except (codec.CodecError, TypeError, ValueError) as exc:
         raise TypeError(f"{what}: cannot send {type(value).__name__} as a tensor: {exc}") from None
     if payload is not None:
@@ -349,7 +349,7 @@ def create_model(
 def forward(model_id: str, inputs: Sequence[Any], retain_graph: bool, eval_mode: bool
             ) -> Op[Any]:
     payloads: dict[Any, Any] = {}
-    req = _wire.framed(pb.ForwardRequest(
+    req = wire.framed(pb.ForwardRequest(
         model_id=model_id, retain_graph=retain_graph, eval_mode=eval_mode,
         inputs=[tensor_part(x, f"inputs[{i}]", payloads, ("inputs", i))
                 for i, x in enumerate(inputs)]), payloads)
@@ -376,7 +376,7 @@ def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: An
     if grad_output is not None:
         msg.grad_output.CopyFrom(tensor_part(grad_output, "grad_output", payloads,
                                              ("grad_output",)))
-    req = _wire.framed(msg, payloads)
+    req = wire.framed(msg, payloads)
 
     def decode(r: pb.BackwardResponse) -> BackwardResult:
         return BackwardResult(

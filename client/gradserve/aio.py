@@ -95,7 +95,7 @@ class AsyncClient(ClientCalls):
         self.address = address
         self._channel = (grpc.aio.secure_channel(address, creds, opts) if creds
                          else grpc.aio.insecure_channel(address, opts))
-        self._stub = _channel.stub(self._channel)  # Forward/Backward framed by _wire
+        self._stub = _channel.stub(self._channel)  # Forward/Backward framed by gradserve.wire
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = _channel.metadata(token)
         self.timeout = timeout

@@ -232,7 +232,7 @@ def to_numpy(msg: pb.Tensor, what: str = "tensor", *, writable: bool = True) -> 
 def to_torch(msg: pb.Tensor, what: str = "tensor", *, writable: bool = True) -> "torch.Tensor":
     """Decode to a CPU torch tensor. writable=False shares the message's bytes (no copy).
 
-    msg may also be a framing view (gradserve._wire) whose data is a buffer: a bytearray is used
+    msg may also be a framing view (gradserve.wire) whose data is a buffer: a bytearray is used
     as it is; a read-only or misaligned view is copied when needed.
     """
     if _torch is None:
