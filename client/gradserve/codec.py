@@ -9,6 +9,7 @@ encoding a torch tensor needs no import, since its caller already imported torch
 from __future__ import annotations
 
 import math
+import re
 import sys
 import threading
 import warnings
@@ -297,21 +298,22 @@ def to_torch(msg: pb.Tensor, what: str = "tensor", *, writable: bool = True) -> 
 
 
 _READONLY_WARNINGS = ("The given buffer is not writable", "The given NumPy array is not writable")
-_quiet = False
+_MODULE = rf"{__name__.replace('.', '[.]')}$"
+# As warnings.filterwarnings stores them (to see whether they are still there).
+_FILTERS = [("ignore", re.compile(m, re.IGNORECASE), UserWarning, re.compile(_MODULE), 0)
+            for m in _READONLY_WARNINGS]
 
 
 def quiet_readonly_warnings() -> None:
     """Silence torch's warning that a tensor wraps read-only memory, for this module's own
     decodes only: to_torch(writable=False) over request bytes that nothing writes into (the
     server refuses in-place layers). The filter names this module, so the same warning from
-    any other code still shows. Called by to_torch(writable=False) itself; the server may call
-    it at start-up. Idempotent."""
-    global _quiet
-    if not _quiet:
+    any other code still shows. Called by to_torch(writable=False) itself (again after
+    something reset the filters); the server may call it at start-up. Idempotent."""
+    if not all(f in warnings.filters for f in _FILTERS):
         for message in _READONLY_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning,
-                                    module=rf"{__name__.replace('.', '[.]')}$")
-        _quiet = True
+                                    module=_MODULE)
 
 
 def decode(msg: pb.Tensor, what: str = "tensor") -> Any:
