@@ -42,3 +42,24 @@ def test_sdk_calls_have_real_types(monkeypatch: pytest.MonkeyPatch) -> None:
                if not any(e.startswith(f"{code}:") for e in got.get(n, []))}
     assert not unexpected, f"mypy errors (line: errors): {unexpected}"
     assert not missing, f"wrong calls mypy accepted (line: expected code): {missing}"
+
+
+def test_sync_and_async_methods_show_the_same_parameters_and_docs() -> None:
+    """help() and IDEs see each call's own parameters and docstring, the same in both clients."""
+    import inspect
+
+    from gradserve import AsyncClient, AsyncRemoteModel, Client, RemoteModel
+
+    for sync, aio in [(Client, AsyncClient), (RemoteModel, AsyncRemoteModel)]:
+        names = [n for n in dir(sync) if not n.startswith("_") and callable(getattr(sync, n))]
+        assert names == [n for n in dir(aio) if not n.startswith("_")
+                         and callable(getattr(aio, n))]
+        for name in names:
+            if name in ("close",):
+                continue
+            a, b = getattr(sync, name), getattr(aio, name)
+            assert inspect.signature(a).parameters == inspect.signature(b).parameters, name
+            assert a.__doc__ and a.__doc__ == b.__doc__, name
+    assert list(inspect.signature(Client.create_model).parameters)[:3] == [
+        "self", "model_id", "layers"]
+    assert "forward_id" in inspect.signature(RemoteModel.backward).parameters

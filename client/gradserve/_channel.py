@@ -124,7 +124,7 @@ def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
 
 def deadline(op: Any, default: float) -> float | None:
     """An Op's own timeout, else the client's default unless the op has no deadline."""
-    return op.timeout or (default if op.deadline else None)  # type: ignore[no-any-return]
+    return op.timeout or (default if op.deadline else None)
 
 
 def check_retries(retries: int) -> int:

@@ -239,6 +239,7 @@ def create_model(
     initial_parameters: Mapping[str, Any] | None = None,
     dtype: str = "float32",
 ) -> Op[ModelInfo]:
+    """Create a model from layers=, expression= or plugin= (see README "Model specs")."""
     given = [x is not None for x in (layers, expression, plugin)]
     if sum(given) != 1:
         raise ValueError("give exactly one of layers=, expression= or plugin=")
@@ -293,7 +294,7 @@ def forward(model_id: str, inputs: Sequence[Any], retain_graph: bool, eval_mode:
     if retain_graph:
         return Op("Forward", req, lambda r: ForwardResult(codec.decode(r.output, "output"),
                                                           r.forward_id))
-    return Op("Forward", req, lambda r: codec.decode(r.output, "output"))  # type: ignore[no-any-return]
+    return Op("Forward", req, lambda r: codec.decode(r.output, "output"))
 
 
 def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: Any = None, *,

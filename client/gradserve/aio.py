@@ -26,7 +26,7 @@ from ._ops import Op, TrainCall
 from .client import DEFAULT_TIMEOUT, _RunState
 from .errors import from_rpc_error
 from .history import History
-from .model import ClientCalls, ModelCalls, StreamCall, thin
+from .model import FIT_DOC, ClientCalls, ModelCalls, StreamCall, method_from
 from .results import ForwardResult, ModelInfo, StreamStep, Tensor, TrainEvent
 
 P = ParamSpec("P")
@@ -88,48 +88,35 @@ def _task_cancelling() -> bool:
 def awaiting(build: Callable[Concatenate[Any, P], Op[T]]
              ) -> Callable[Concatenate[Any, P], Awaitable[T]]:
     """A method that returns an awaitable of the builder's Op result."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[T]:
-        return self._run(build(self, *args, **kwargs))  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(build, lambda self, op: self._run(op))
 
 
 def awaiting_model(build: Callable[P, Op[ModelInfo]]
                    ) -> Callable[Concatenate[Any, P], Awaitable[AsyncRemoteModel]]:
     """A client method that returns an awaitable of the model build's Op describes."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[AsyncRemoteModel]:
-        return self._run(build(*args, **kwargs).then(self._remote))  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(
+        build, lambda self, op: self._run(op.then(self._remote)), bound=False)
 
 
 def async_train(build: Callable[Concatenate[Any, P], TrainCall]
                 ) -> Callable[Concatenate[Any, P], AsyncTrainRun]:
     """A method that starts the builder's Train run: an async iterator of its events."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> AsyncTrainRun:
-        return self._client._train(build(self, *args, **kwargs))  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(build, lambda self, call: self._client._train(call))
 
 
 def async_fit(build: Callable[Concatenate[Any, P], TrainCall]
               ) -> Callable[Concatenate[Any, P], Awaitable[History]]:
     """A method that runs the builder's Train run to its end, collected into a History."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[History]:
-        return self._client._fit(self._client._train(build(self, *args, **kwargs)))  # type: ignore[no-any-return]
-    thin(method, build)
-    method.__doc__ = "train() collected into a History (history.plot() draws the loss curve)."
+    method = method_from(build, lambda self, call: self._client._fit(self._client._train(call)))
+    method.__doc__ = FIT_DOC
     return method
 
 
 def async_stream(build: Callable[Concatenate[Any, P], StreamCall]
                  ) -> Callable[Concatenate[Any, P], AsyncIterator[StreamStep]]:
     """A method that streams the builder's requests and yields each decoded reply."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[StreamStep]:
-        requests, decode = build(self, *args, **kwargs)
-        return self._client._bidi("TrainStream", requests, decode)  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(
+        build, lambda self, call: self._client._bidi("TrainStream", *call))
 
 
 class AsyncRemoteModel(ModelCalls):
@@ -137,7 +124,7 @@ class AsyncRemoteModel(ModelCalls):
     train() is an async iterator."""
 
     def _run(self, op: Op[T]) -> Awaitable[T]:
-        return self._client._run(op)  # type: ignore[no-any-return]
+        return self._client._run(op)
 
     @overload
     def forward(self, *inputs: Any, retain_graph: Literal[False] = False,
@@ -157,7 +144,7 @@ class AsyncRemoteModel(ModelCalls):
     def wait_idle(self, timeout: float = 30.0) -> Awaitable[ModelInfo]:
         """Wait until no Train/TrainStream run holds the model (after a cancel the server stops
         at the next step boundary); returns the refreshed ModelInfo."""
-        return self._client._drive(self._wait_idle(timeout))  # type: ignore[no-any-return]
+        return self._client._drive(self._wait_idle(timeout))
 
     refresh = awaiting(ModelCalls._refresh)
     backward = awaiting(ModelCalls._backward)

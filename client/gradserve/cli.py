@@ -60,7 +60,7 @@ def _plain(value: Any) -> Any:
 def _model_json(info: ModelInfo) -> dict[str, Any]:
     out = _plain(info)
     out["spec"] = json_format.MessageToDict(info.spec, preserving_proto_field_name=True)
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def _fmt(value: Any) -> str:

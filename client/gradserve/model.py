@@ -45,63 +45,62 @@ M = TypeVar("M")
 StreamCall = tuple[Any, Callable[[Any], StreamStep]]
 
 
-def thin(method: Callable[..., Any], build: Callable[..., Any]) -> None:
-    """Give method the name, docstring and parameters of the builder it sends."""
-    method.__name__ = build.__name__.lstrip("_")
-    method.__qualname__ = method.__name__
+def method_from(build: Callable[..., Any], send: Callable[[Any, Any], Any],
+                bound: bool = True) -> Any:
+    """A method that calls send(self, what build makes): the one body of every thin method.
+    bound=False: build is a plain function (not given self). It takes the builder's name,
+    docstring and parameters."""
+    def method(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return send(self, build(self, *args, **kwargs) if bound else build(*args, **kwargs))
+    method.__name__ = method.__qualname__ = build.__name__.lstrip("_")
     method.__doc__ = build.__doc__
     signature = inspect.signature(build)
+    parameters = list(signature.parameters.values())
+    if not bound:  # the method's own self, before the function's parameters
+        parameters.insert(0, inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY))
     method.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        return_annotation=inspect.Signature.empty)
+        parameters=parameters, return_annotation=inspect.Signature.empty)
+    return method
 
 
 # ------------------------------------------------------------------ sync methods from builders
+# Each keeps its builder's parameters (ParamSpec P) and gives the sync result type.
 
 
 def blocking(build: Callable[Concatenate[Any, P], Op[T]]) -> Callable[Concatenate[Any, P], T]:
     """A method that sends the builder's Op and returns its result."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._run(build(self, *args, **kwargs))  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(build, lambda self, op: self._run(op))
 
 
 def blocking_model(build: Callable[P, Op[ModelInfo]]
                    ) -> Callable[Concatenate[Any, P], RemoteModel]:
     """A client method that sends build's Op and returns the model it describes."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> RemoteModel:
-        return self._run(build(*args, **kwargs).then(self._remote))  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(
+        build, lambda self, op: self._run(op.then(self._remote)), bound=False)
 
 
 def blocking_train(build: Callable[Concatenate[Any, P], TrainCall]
                    ) -> Callable[Concatenate[Any, P], TrainRun]:
     """A method that starts the builder's Train run: an iterator of its events."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> TrainRun:
-        return self._client._train(build(self, *args, **kwargs))  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(build, lambda self, call: self._client._train(call))
 
 
 def blocking_fit(build: Callable[Concatenate[Any, P], TrainCall]
                  ) -> Callable[Concatenate[Any, P], History]:
     """A method that runs the builder's Train run to its end, collected into a History."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> History:
-        return self._client._fit(self._client._train(build(self, *args, **kwargs)))  # type: ignore[no-any-return]
-    thin(method, build)
-    method.__doc__ = "train() collected into a History (history.plot() draws the loss curve)."
+    method = method_from(build, lambda self, call: self._client._fit(self._client._train(call)))
+    method.__doc__ = FIT_DOC
     return method
 
 
 def blocking_stream(build: Callable[Concatenate[Any, P], StreamCall]
                     ) -> Callable[Concatenate[Any, P], Iterator[StreamStep]]:
     """A method that streams the builder's requests and yields each decoded reply."""
-    def method(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[StreamStep]:
-        requests, decode = build(self, *args, **kwargs)
-        return self._client._bidi("TrainStream", requests, decode)  # type: ignore[no-any-return]
-    thin(method, build)
-    return method
+    return method_from(
+        build, lambda self, call: self._client._bidi("TrainStream", *call))
+
+
+FIT_DOC = "train() collected into a History (history.plot() draws the loss curve)."
 
 
 # ------------------------------------------------------------------ builders
@@ -296,7 +295,7 @@ class RemoteModel(ModelCalls):
     without torch)."""
 
     def _run(self, op: Op[T]) -> T:
-        return self._client._run(op)  # type: ignore[no-any-return]
+        return self._client._run(op)
 
     @overload
     def forward(self, *inputs: Any, retain_graph: Literal[False] = False,
@@ -316,7 +315,7 @@ class RemoteModel(ModelCalls):
     def wait_idle(self, timeout: float = 30.0) -> ModelInfo:
         """Wait until no Train/TrainStream run holds the model (after a cancel the server stops
         at the next step boundary); returns the refreshed ModelInfo."""
-        return self._client._drive(self._wait_idle(timeout))  # type: ignore[no-any-return]
+        return self._client._drive(self._wait_idle(timeout))
 
     refresh = blocking(ModelCalls._refresh)
     backward = blocking(ModelCalls._backward)

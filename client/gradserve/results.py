@@ -134,7 +134,7 @@ _KIND = {pb.EVENT_KIND_PROGRESS: "progress", pb.EVENT_KIND_EPOCH_END: "epoch_end
 
 
 def _reason(value: int) -> str:
-    return pb.StopReason.Name(value).removeprefix("STOP_REASON_").lower()  # type: ignore[arg-type]
+    return pb.StopReason.Name(value).removeprefix("STOP_REASON_").lower()
 
 
 def train_event(msg: pb.TrainEvent) -> TrainEvent:
