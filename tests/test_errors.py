@@ -186,7 +186,8 @@ class _BuggyEntryPoint:
                 self.w = nn.Parameter(torch.ones(1))
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return {}["missing"]  # an operator's bug: KeyError
+                outputs: dict[str, torch.Tensor] = {}
+                return outputs["missing"]  # an operator's bug: KeyError
 
         return Buggy
 

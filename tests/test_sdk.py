@@ -92,6 +92,7 @@ def test_batchnorm_buffers_and_eval_mode(client: Client) -> None:
         k.split(".", 1)[1] for k in state}
     bn = torch.nn.BatchNorm1d(2)
     bn(x)
+    assert bn.running_mean is not None
     assert torch.allclose(state["0.running_mean"], bn.running_mean)
     bn.eval()
     assert torch.allclose(m.forward(x, eval_mode=True), bn(x).detach(), atol=1e-6)

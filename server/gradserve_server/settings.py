@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -132,7 +132,9 @@ def _boolean(raw: str) -> bool:
 
 def _convert(kind: Any, raw: str) -> Any:
     name = getattr(kind, "__name__", str(kind))  # a type, or its name (string annotations)
-    return {"int": int, "float": float, "str": str, "bool": _boolean}.get(name, kind)(raw)
+    converters: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str,
+                                                    "bool": _boolean}
+    return converters.get(name, kind)(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:
