@@ -53,15 +53,15 @@ def test_read_dataset_keys_and_csv_target_column(tmp_path: Path) -> None:
     x0, x1, y = np.ones((4, 2)), np.zeros((4, 3)), np.arange(4.0)
     np.savez(tmp_path / "multi.npz", x1=x1, x0=x0, target=y)
     (xs, target) = io.read_dataset(str(tmp_path / "multi.npz"))
-    assert [a.shape for a in xs] == [(4, 2), (4, 3)] and np.array_equal(target, y)  # type: ignore[arg-type]
+    assert [a.shape for a in xs] == [(4, 2), (4, 3)] and np.array_equal(target, y)
     (xs, target) = io.read_dataset(str(tmp_path / "multi.npz"), x_keys=["x1"], y_key="x0")
-    assert len(xs) == 1 and np.array_equal(xs[0], x1) and np.array_equal(target, x0)  # type: ignore[arg-type]
+    assert len(xs) == 1 and np.array_equal(xs[0], x1) and np.array_equal(target, x0)
     np.savez(tmp_path / "nox.npz", y=y)
     with pytest.raises(io.FileError, match="no inputs"):
         io.read_dataset(str(tmp_path / "nox.npz"))
     (tmp_path / "t.csv").write_text("1,2,3\n4,5,6\n")
     (xs, target) = io.read_dataset(str(tmp_path / "t.csv"), target_column=0)
-    assert np.array_equal(xs[0], [[2, 3], [5, 6]]) and np.array_equal(target, [[1], [4]])  # type: ignore[arg-type]
+    assert np.array_equal(xs[0], [[2, 3], [5, 6]]) and np.array_equal(target, [[1], [4]])
     (xs, target) = io.read_dataset(str(tmp_path / "t.csv"), target_column="none")
     assert xs[0].shape == (2, 3) and target is None
     with pytest.raises(io.FileError, match="target column '7'"):

@@ -58,7 +58,7 @@ class FailingServer(grpc.GenericRpcHandler):
         self._server.start()
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        method = details.method.rsplit("/", 1)[-1]  # type: ignore[attr-defined]
+        method = details.method.rsplit("/", 1)[-1]
         return grpc.unary_unary_rpc_method_handler(
             lambda request, context: self._answer(method, request, context))
 

@@ -12,7 +12,8 @@ from conftest import require_tool
 ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ROOT / "tests" / "typing" / "sdk_calls.py"
 EXPECTED = re.compile(r"#\s*E:\s*([\w-]+)\s*$")
-REPORTED = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<text>.*?)(?:  \[(?P<code>[\w-]+)\])?$")
+REPORTED = re.compile(
+    r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<text>.*?)(?:  \[(?P<code>[\w-]+)\])?$")
 
 
 def test_sdk_calls_have_real_types(monkeypatch: pytest.MonkeyPatch) -> None:

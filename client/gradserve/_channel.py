@@ -69,11 +69,9 @@ class Attempts:
         self.left = retries if retryable else 0
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self._backoff = POLICY.initial_backoff
-        self.made = 0
 
     def timeout(self) -> float | None:
         """The timeout of the next attempt: what is left of the deadline."""
-        self.made += 1
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def delay(self, exc: grpc.RpcError) -> float | None:

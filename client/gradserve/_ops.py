@@ -7,7 +7,6 @@ call; clients only differ in how they run a Program (blocking or awaiting).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import uuid
@@ -71,7 +70,8 @@ class Op(Generic[T]):
     def then(self, fn: Callable[[T], U]) -> Op[U]:
         """The same call, its decoded reply passed through fn (e.g. info -> RemoteModel)."""
         decode = self.decode
-        return dataclasses.replace(self, decode=lambda reply: fn(decode(reply)))  # type: ignore[return-value, arg-type]
+        return Op(self.rpc, self.request, lambda reply: fn(decode(reply)), self.service,
+                  self.deadline, self.timeout)
 
 
 @dataclass(frozen=True)
