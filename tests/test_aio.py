@@ -17,11 +17,10 @@ from gradserve import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    RemoteModel,
     UnauthenticatedError,
     UnavailableError,
 )
-from gradserve.aio import AsyncClient, AsyncTrainRun
+from gradserve.aio import AsyncClient, AsyncRemoteModel, AsyncTrainRun
 from gradserve_server.app import GradServer
 
 T = TypeVar("T")
@@ -52,6 +51,7 @@ def data(n: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_exported_from_package() -> None:
     assert gradserve.AsyncClient is AsyncClient
     assert gradserve.AsyncTrainRun is AsyncTrainRun
+    assert gradserve.AsyncRemoteModel is AsyncRemoteModel
 
 
 def test_calls_match_the_sync_client(server: GradServer, client: Client) -> None:
@@ -66,7 +66,7 @@ def test_calls_match_the_sync_client(server: GradServer, client: Client) -> None
         assert await c.health() == "SERVING"
         await c.wait_ready(timeout=5)
         m = await c.create_model(model_id="async", **SPEC)
-        assert isinstance(m, RemoteModel) and m.id == "async"
+        assert isinstance(m, AsyncRemoteModel) and m.id == "async"
         got: dict[str, Any] = {"out": await m.forward(x)}
         got["back"] = await m.backward(x, y, return_grads=True, return_input_grads=True)
         got["grads_before_step"] = await m.grads()
@@ -155,8 +155,8 @@ def test_token_is_sent(make_server: Callable[..., GradServer], tmp_path: Path) -
         with pytest.raises(UnauthenticatedError):
             await c.list_models()
 
-    async def allowed(c: AsyncClient) -> list[RemoteModel]:
-        return await c.list_models()  # type: ignore[no-any-return]
+    async def allowed(c: AsyncClient) -> list[AsyncRemoteModel]:
+        return await c.list_models()
 
     run(denied, server)
     assert run(allowed, server, token="s3cret") == []
@@ -188,7 +188,7 @@ def test_train_events_and_fit_match_the_sync_client(server: GradServer,
     assert len(history.epoch_losses) == 3
 
 
-async def _last_event_then_break(m: RemoteModel, x: np.ndarray, y: np.ndarray,
+async def _last_event_then_break(m: AsyncRemoteModel, x: np.ndarray, y: np.ndarray,
                                  steps: int) -> Any:
     last = None
     async for event in m.train(x, y, epochs=10_000, batch_size=1, log_every_steps=1):

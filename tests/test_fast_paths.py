@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import message as pb_message
-from gradserve import Client, _wire, codec, shm, tune_malloc
+from gradserve import Client, codec, shm, tune_malloc
+from gradserve import wire as _wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve.aio import AsyncClient
 from gradserve.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError

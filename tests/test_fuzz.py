@@ -24,9 +24,6 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, example, given, settings
-from hypothesis import strategies as st
-
 from gradserve import Client, GradServeError
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve_server.app import GradServer, build_server
@@ -35,6 +32,8 @@ from gradserve_server.catalog.losses import LOSSES
 from gradserve_server.catalog.optimizers import OPTIMIZERS
 from gradserve_server.catalog.schedules import SCHEDULES
 from gradserve_server.settings import Settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
+from hypothesis import strategies as st
 
 FUZZ = os.environ.get("GRADSERVE_FUZZ", "") == "1"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from gradserve import Client, GradServeError, NotFoundError, codec
 
 
@@ -49,11 +48,18 @@ def test_numpy_inputs_and_python_floats(client: Client) -> None:
     assert out.dtype == torch.float32 and out.flatten().tolist() == [3.0, 5.0]
 
 
-def test_bfloat16_and_every_dtype_round_trip() -> None:
+@pytest.mark.parametrize("size", [12, 300_000], ids=["small", "framed"])
+def test_every_dtype_travels_through_the_server_unchanged(client: Client, size: int) -> None:
+    """An identity model gives back what it got, for every wire dtype (floating models of the
+    input's dtype, so nothing is cast), in the message and framed beside it (> 64 KiB)."""
     for name in codec.DTYPE_NAMES:
-        t = (torch.arange(-3, 9).reshape(3, 4) * 1.5).to(getattr(torch, name))
-        back = codec.to_torch(codec.encode(t))
-        assert back.dtype == t.dtype and torch.equal(back, t), name
+        dtype = getattr(torch, name)
+        model_dtype = name if dtype.is_floating_point else "float32"
+        m = client.create_model(expression="u", inputs=["u"], dtype=model_dtype)
+        t = (torch.arange(size) % 17 - 8).to(dtype) * (1.5 if dtype.is_floating_point else 1)
+        out = m.forward(t)
+        assert out.dtype == t.dtype and torch.equal(out, t), name
+        m.delete()
 
 
 def test_plugin_model(client: Client) -> None:
@@ -86,6 +92,7 @@ def test_batchnorm_buffers_and_eval_mode(client: Client) -> None:
         k.split(".", 1)[1] for k in state}
     bn = torch.nn.BatchNorm1d(2)
     bn(x)
+    assert bn.running_mean is not None
     assert torch.allclose(state["0.running_mean"], bn.running_mean)
     bn.eval()
     assert torch.allclose(m.forward(x, eval_mode=True), bn(x).detach(), atol=1e-6)

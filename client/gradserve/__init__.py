@@ -6,23 +6,14 @@
                                 loss="mse", optimizer={"type": "sgd", "lr": 0.03}, seed=0)
         events = list(m.train(X, y, epochs=3, batch_size=10, shuffle=True))
 
-Results are torch tensors when torch is importable, numpy arrays otherwise. AsyncClient
-(gradserve.aio) offers the same calls for asyncio; RemoteModule (gradserve.nn) puts a remote
-model inside local autograd; the `gradserve` command (gradserve.cli) drives a server from a shell.
+Results are torch tensors when torch is importable, numpy arrays otherwise (torch is imported
+when a result is first decoded, not by `import gradserve`). AsyncClient (gradserve.aio) offers the
+same calls for asyncio; RemoteModule (gradserve.nn) puts a remote model inside local autograd;
+gradserve.io reads and writes arrays and tensors in .npy/.npz/.csv/.safetensors files; the
+`gradserve` command (gradserve.cli) drives a server from a shell.
 """
 
-from ._ops import (
-    BackwardResult,
-    CheckpointInfo,
-    DatasetInfo,
-    ForwardResult,
-    ModelInfo,
-    ParameterInfo,
-    StreamStep,
-    TrainEvent,
-    TrainSummary,
-)
-from .aio import AsyncClient, AsyncTrainRun
+from .aio import AsyncClient, AsyncRemoteModel, AsyncTrainRun
 from .client import Client, TrainRun
 from .errors import (
     AlreadyExistsError,
@@ -35,20 +26,33 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
+    TensorArgumentError,
     UnauthenticatedError,
     UnavailableError,
 )
 from .history import History
-from .tuning import tune_malloc
 from .model import RemoteModel
+from .results import (
+    BackwardResult,
+    CheckpointInfo,
+    DatasetInfo,
+    ForwardResult,
+    ModelInfo,
+    ParameterInfo,
+    StreamStep,
+    TrainEvent,
+    TrainSummary,
+)
+from .tuning import tune_malloc
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AlreadyExistsError", "AsyncClient", "AsyncTrainRun", "BackwardResult", "CancelledError", "CheckpointInfo", "Client",
-    "DatasetInfo", "DeadlineExceededError", "FailedPreconditionError", "ForwardResult",
-    "GradServeError", "History", "InternalError", "InvalidArgumentError", "ModelInfo",
-    "NotFoundError", "ParameterInfo", "PermissionDeniedError", "RemoteModel",
-    "ResourceExhaustedError", "StreamStep", "TrainEvent", "TrainRun", "TrainSummary",
-    "UnauthenticatedError", "UnavailableError", "tune_malloc",
+    "AlreadyExistsError", "AsyncClient", "AsyncRemoteModel", "AsyncTrainRun", "BackwardResult",
+    "CancelledError", "CheckpointInfo", "Client", "DatasetInfo", "DeadlineExceededError",
+    "FailedPreconditionError", "ForwardResult", "GradServeError", "History", "InternalError",
+    "InvalidArgumentError", "ModelInfo", "NotFoundError", "ParameterInfo",
+    "PermissionDeniedError", "RemoteModel", "ResourceExhaustedError", "StreamStep",
+    "TensorArgumentError", "TrainEvent", "TrainRun", "TrainSummary", "UnauthenticatedError",
+    "UnavailableError", "tune_malloc",
 ]

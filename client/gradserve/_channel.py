@@ -1,31 +1,89 @@
-"""Channel set-up shared by the sync and async clients: options, credentials, metadata, retry."""
+"""Channel set-up shared by the sync and async clients: options, credentials, metadata, retries.
+
+Retries: one mechanism, the SDK's own (see Attempts), driven by the retry policy in
+service_config.json, the file other languages' clients may load as their service config. The
+channel itself does no configured retries (gRPC still resends, transparently, a call that never
+reached the server).
+"""
 
 from __future__ import annotations
 
 import json
-
 import random
-from collections.abc import Iterator
+import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from . import _wire
+from . import wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
 from ._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 
-RETRY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 SERVICE_CONFIG = resources.files("gradserve").joinpath("service_config.json").read_text()
-# Methods safe to repeat (reads, and mutating calls deduplicated by request id): the service
-# config's retry policy names them, and the SDK's own retry loop uses the same list.
-RETRYABLE = frozenset(
-    name["method"]
-    for method_config in json.loads(SERVICE_CONFIG)["methodConfig"]
-    if "retryPolicy" in method_config
-    for name in method_config["name"]
-)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A gRPC retryPolicy: which methods, on which codes, how many attempts, which backoff."""
+
+    methods: frozenset[tuple[str, str]]  # (service, method)
+    codes: frozenset[grpc.StatusCode]
+    max_attempts: int
+    initial_backoff: float
+    max_backoff: float
+    multiplier: float
+
+
+def _seconds(value: str) -> float:
+    return float(value.removesuffix("s"))  # protobuf Duration JSON: "0.1s"
+
+
+def retry_policy(config: str) -> RetryPolicy:
+    """The one retryPolicy of a service config (every method safe to repeat is named there)."""
+    (entry,) = [m for m in json.loads(config)["methodConfig"] if "retryPolicy" in m]
+    policy = entry["retryPolicy"]
+    codes = frozenset(grpc.StatusCode[c] for c in policy["retryableStatusCodes"])
+    if grpc.StatusCode.DEADLINE_EXCEEDED in codes:
+        raise ValueError("DEADLINE_EXCEEDED is never retried: the deadline covers every attempt")
+    return RetryPolicy(
+        methods=frozenset((name["service"], name["method"]) for name in entry["name"]),
+        codes=codes,
+        max_attempts=int(policy["maxAttempts"]),
+        initial_backoff=_seconds(policy["initialBackoff"]),
+        max_backoff=_seconds(policy["maxBackoff"]), multiplier=float(policy["backoffMultiplier"]))
+
+
+POLICY = retry_policy(SERVICE_CONFIG)
+# Retries after the first attempt unless a client says otherwise: as many as the config allows.
+DEFAULT_RETRIES = POLICY.max_attempts - 1
+
+
+class Attempts:
+    """The attempts of one call: a retry budget, gRPC's jittered exponential backoff, and one
+    deadline over every attempt and every wait in between."""
+
+    def __init__(self, retries: int, timeout: float | None, retryable: bool) -> None:
+        self.left = retries if retryable else 0
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._backoff = POLICY.initial_backoff
+
+    def timeout(self) -> float | None:
+        """The timeout of the next attempt: what is left of the deadline."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def delay(self, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before retrying after exc; None to give up (raise exc)."""
+        if self.left <= 0 or exc.code() not in POLICY.codes:
+            return None
+        delay = random.uniform(0, self._backoff)
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None  # no time left for another attempt
+        self.left -= 1
+        self._backoff = min(self._backoff * POLICY.multiplier, POLICY.max_backoff)
+        return delay
 
 
 def options(max_message_mb: int) -> list[tuple[str, Any]]:
@@ -33,8 +91,8 @@ def options(max_message_mb: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", size),
         ("grpc.max_receive_message_length", size),
-        ("grpc.service_config", SERVICE_CONFIG),
-        ("grpc.enable_retries", 1),
+        # No retryPolicy on the channel (Attempts retries) and none from the name resolver.
+        ("grpc.service_config_disable_resolution", 1),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
@@ -62,25 +120,18 @@ def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def deadline(op: Any, timeout: float | None, default: float) -> float | None:
-    """An explicit timeout wins; otherwise the client default, unless the op has no deadline."""
-    return timeout or (default if op.deadline else None)
+def deadline(op: Any, default: float) -> float | None:
+    """An Op's own timeout, else the client's default unless the op has no deadline."""
+    return op.timeout or (default if op.deadline else None)
 
 
-def retry_delay(exc: grpc.RpcError, delays: Iterator[float]) -> float | None:
-    """Seconds to wait before retrying after exc, or None to give up and raise."""
-    return next(delays, None) if exc.code() in RETRY_CODES else None
+def check_retries(retries: int) -> int:
+    if retries < 0:
+        raise ValueError(f"retries: {retries} is negative; 0 means a single attempt")
+    return retries
 
 
-def backoff(retries: int) -> Iterator[float]:
-    """Sleep before each retry: exponential from 0.1 s, capped at 2 s, with jitter."""
-    delay = 0.1
-    for _ in range(retries):
-        yield delay * (0.5 + random.random())
-        delay = min(delay * 2, 2.0)
-
-
-# RPCs whose tensors may be large: framed by _wire on both sides (same bytes on the wire).
+# RPCs whose tensors may be large: framed by gradserve.wire on both sides (same bytes on the wire).
 FRAMED = {"Forward": pb.ForwardResponse, "Backward": pb.BackwardResponse}
 
 
@@ -90,11 +141,11 @@ def _serialize(request: Any) -> bytes:
 
 def stub(channel: Any) -> pb_grpc.GradientServiceStub:
     """The generated stub (sync or asyncio channel), with Forward and Backward (de)serialized
-    by _wire: their large tensors skip protobuf's copies."""
+    by gradserve.wire: their large tensors skip protobuf's copies."""
     s = pb_grpc.GradientServiceStub(channel)
     for rpc, reply in FRAMED.items():
         setattr(s, rpc, channel.unary_unary(
             f"/gradserve.v1.GradientService/{rpc}", request_serializer=_serialize,
-            response_deserializer=lambda data, cls=reply: _wire.split(data, cls),
+            response_deserializer=lambda data, cls=reply: wire.split(data, cls),
             _registered_method=True))
     return s

@@ -1,7 +1,8 @@
-"""The SDK's one body of logic: build requests, decode replies. Sync and async clients share it.
+"""The SDK's one body of logic: build requests, decode replies, retry. Sync and async share it.
 
 Each public call is an `Op`: which RPC, the request message, how to decode the reply, and whether
-the call is safe to retry. Clients only differ in how they send an Op.
+the call is safe to retry. `call()` turns an Op into a Program, the attempts and backoff of one
+call; clients only differ in how they run a Program (blocking or awaiting).
 """
 
 from __future__ import annotations
@@ -19,18 +20,32 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from . import _channel, _wire, codec
+from . import _channel, codec, wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
-from .errors import GradServeError
+from .errors import GradServeError, TensorArgumentError, from_rpc_error
+from .results import (
+    BackwardResult,
+    DatasetInfo,
+    ForwardResult,
+    ModelInfo,
+    Tensor,
+    TrainEvent,
+    dataset_info,
+    model_info,
+    train_event,
+)
 
 T = TypeVar("T")
 U = TypeVar("U")
+GRADIENT = "gradserve.v1.GradientService"
+HEALTH = "grpc.health.v1.Health"
 
 
 @dataclass(frozen=True)
@@ -38,38 +53,67 @@ class Op(Generic[T]):
     rpc: str
     request: Any
     decode: Callable[[Any], T]
-    # Which stub sends it: "gradient" (GradientService) or "health" (grpc.health.v1.Health).
-    service: str = "gradient"
+    # The gRPC service: GradientService or the standard health service.
+    service: str = GRADIENT
     # False: no default deadline, only an explicit timeout (uploads scale with the data size).
     deadline: bool = True
+    # This call's own deadline in seconds (None: the client's default, if deadline is True).
+    timeout: float | None = None
 
     @property
     def retryable(self) -> bool:
-        return self.rpc in _channel.RETRYABLE and not (
+        """Safe to repeat: named by the retry policy, except a Forward that keeps a graph (each
+        attempt would keep one)."""
+        return (self.service, self.rpc) in _channel.POLICY.methods and not (
             self.rpc == "Forward" and self.request.retain_graph)
 
     def then(self, fn: Callable[[T], U]) -> Op[U]:
         """The same call, its decoded reply passed through fn (e.g. info -> RemoteModel)."""
         decode = self.decode
         return Op(self.rpc, self.request, lambda reply: fn(decode(reply)), self.service,
-                  self.deadline)
+                  self.deadline, self.timeout)
 
 
-# A call sequence written once for both clients (polling loops): a generator that yields
-# (Op, timeout) to have the op run and its result sent back (errors are thrown in), or a float to
-# pause that many seconds; its return value is the result. Client._drive and AsyncClient._drive
-# interpret it with blocking and awaiting I/O respectively.
-Program = Generator[tuple[Op[Any], float | None] | float, Any, T]
+@dataclass(frozen=True)
+class Attempt:
+    """One RPC of an Op, with this attempt's timeout."""
+
+    op: Op[Any]
+    timeout: float | None
 
 
-def poll(op: Op[T], ready: Callable[[T], bool], timeout: float, what: str, *,
+# A call sequence written once for both clients: a generator that yields an Attempt to have one
+# RPC made (its reply is sent back; a grpc.RpcError is thrown in) or a float to pause that many
+# seconds; its return value is the result. Client._drive and AsyncClient._drive run it with
+# blocking and awaiting I/O respectively.
+Program = Generator[Attempt | float, Any, T]
+
+
+def call(op: Op[T], retries: int, timeout: float | None) -> Program[T]:
+    """op, attempted until it succeeds, fails for good, or the deadline `timeout` (seconds, over
+    all attempts and waits) passes. Raises the last failure as a GradServeError."""
+    attempts = _channel.Attempts(retries, timeout, op.retryable)
+    while True:
+        try:
+            reply = yield Attempt(op, attempts.timeout())
+        except grpc.RpcError as exc:
+            delay = attempts.delay(exc)
+            if delay is None:
+                raise from_rpc_error(exc) from None
+            yield delay
+        else:
+            return op.decode(reply)
+
+
+def poll(op: Op[T], ready: Callable[[T], bool], timeout: float, what: str, *, retries: int,
          tolerate_errors: bool = False, interval: float = 0.1, call_timeout: float = 2.0
          ) -> Program[T]:
-    """Run op until ready(result) or timeout seconds pass (TimeoutError naming `what`)."""
+    """Call op until ready(result) or timeout seconds pass (TimeoutError naming `what`)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            result = yield op, max(0.1, min(call_timeout, deadline - time.monotonic()))
+            left = max(0.1, min(call_timeout, deadline - time.monotonic()))
+            result = yield from call(op, retries, left)
             if ready(result):
                 return result
         except GradServeError:
@@ -86,6 +130,37 @@ def returning(value: U, program: Program[Any]) -> Program[U]:
     return value
 
 
+class Steps(Generic[T]):
+    """Steps through a Program for a client's _drive: iterate for what it asks next (an Attempt
+    or a pause), answer with send() or throw(); result is its return value."""
+
+    def __init__(self, program: Program[T]) -> None:
+        self._program = program
+        self._answer: Any = None
+        self._error: BaseException | None = None
+        self.result: T
+
+    def __iter__(self) -> Iterator[Attempt | float]:
+        while True:
+            try:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    item = self._program.throw(error)
+                else:
+                    item = self._program.send(self._answer)
+            except StopIteration as done:
+                self.result = done.value
+                return
+            self._answer = None
+            yield item
+
+    def send(self, answer: Any) -> None:
+        self._answer = answer
+
+    def throw(self, error: BaseException) -> None:
+        self._error = error
+
+
 def request_id() -> str:
     return uuid.uuid4().hex
 
@@ -93,20 +168,26 @@ def request_id() -> str:
 # ------------------------------------------------------------------------------------ values
 
 
+def _refused(value: Any, what: str, exc: Exception) -> TensorArgumentError:
+    return TensorArgumentError(f"{what}: cannot send {type(value).__name__} as a tensor: {exc}")
+
+
 def tensor(value: Any, what: str = "tensor") -> pb.Tensor:
+    """The wire Tensor of value; TensorArgumentError naming `what` if it cannot be one."""
     try:
         return codec.encode(value)
-    except (codec.CodecError, TypeError, ValueError) as exc:
-        raise TypeError(f"{what}: cannot send {type(value).__name__} as a tensor: {exc}") from None
+    except (TypeError, ValueError) as exc:  # CodecError is a ValueError
+        raise _refused(value, what, exc) from None
 
 
 def tensor_part(value: Any, what: str, payloads: dict[Any, Any], path: tuple[Any, ...]
                 ) -> pb.Tensor:
-    """tensor(), but a large payload goes into payloads[path] (a zero-copy view, see _wire)."""
+    """tensor(), but a large payload goes into payloads[path] (a zero-copy view, see
+    gradserve.wire)."""
     try:
-        msg, payload = codec.encode_parts(value, minimum=_wire.MIN_PAYLOAD)
-    except (codec.CodecError, TypeError, ValueError) as exc:
-        raise TypeError(f"{what}: cannot send {type(value).__name__} as a tensor: {exc}") from None
+        msg, payload = codec.encode_parts(value, minimum=wire.MIN_PAYLOAD)
+    except (TypeError, ValueError) as exc:
+        raise _refused(value, what, exc) from None
     if payload is not None:
         payloads[path] = payload
     return msg
@@ -125,7 +206,7 @@ def named(values: Mapping[str, Any] | None, what: str) -> dict[str, pb.Tensor]:
     return {k: tensor(v, f"{what}[{k}]") for k, v in (values or {}).items()}
 
 
-def decode_named(msgs: Mapping[str, pb.Tensor], order: Sequence[str] = ()) -> dict[str, Any]:
+def decode_named(msgs: Mapping[str, pb.Tensor], order: Sequence[str] = ()) -> dict[str, Tensor]:
     """Decode a map, in `order` first (state_dict order), then any others sorted."""
     keys = [k for k in order if k in msgs] + sorted(k for k in msgs if k not in set(order))
     return {k: codec.decode(msgs[k], k) for k in keys}
@@ -136,156 +217,6 @@ def struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
     if values:
         out.update(dict(values))
     return out
-
-
-# ------------------------------------------------------------------------------------ results
-
-
-@dataclass(frozen=True)
-class ParameterInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    trainable: bool
-    buffer: bool
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_id: str
-    step: int
-    device: str
-    num_parameters: int
-    parameters: tuple[ParameterInfo, ...]
-    inputs: tuple[str, ...]
-    retained_graphs: int
-    training: bool
-    loss: str
-    optimizer: str
-    spec: pb.ModelSpec = field(repr=False)
-    # Output names of a multi-output (exported) model; forward returns a tuple in this order.
-    outputs: tuple[str, ...] = ()
-
-    @property
-    def parameter_names(self) -> list[str]:
-        return [p.name for p in self.parameters if not p.buffer]
-
-
-def model_info(msg: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        model_id=msg.model_id, step=msg.step, device=msg.device,
-        num_parameters=msg.num_parameters,
-        parameters=tuple(ParameterInfo(p.name, tuple(p.shape), codec.dtype_name(p.dtype),
-                                       p.trainable, p.buffer) for p in msg.parameters),
-        inputs=tuple(msg.inputs), retained_graphs=msg.retained_graphs, training=msg.training,
-        loss=msg.spec.loss.type, optimizer=msg.spec.optimizer.type, spec=msg.spec,
-        outputs=tuple(msg.outputs),
-    )
-
-
-@dataclass(frozen=True)
-class ForwardResult:
-    output: Any
-    forward_id: str
-
-
-@dataclass(frozen=True)
-class BackwardResult:
-    """loss: float (None with grad_output); grads: name -> tensor; input_grads: list."""
-
-    loss: float | None
-    step: int
-    grads: dict[str, Any]
-    input_grads: list[Any]
-    output: Any | None
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    dataset_id: str
-    num_samples: int
-    num_bytes: int
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    name: str
-    model_id: str
-    step: int
-    num_bytes: int
-    created_unix: float
-    error: str = ""  # why the file cannot be loaded; empty for a usable checkpoint
-
-
-@dataclass(frozen=True)
-class TrainSummary:
-    steps: int
-    epochs: int
-    final_loss: float
-    stop_reason: str
-    skipped_batches: int
-    message: str
-    model_step: int
-
-
-@dataclass(frozen=True)
-class TrainEvent:
-    """kind: 'progress', 'epoch_end' or 'done' (the last, with summary)."""
-
-    kind: str
-    step: int
-    epoch: int
-    batch_loss: float
-    epoch_loss: float
-    samples_per_second: float
-    learning_rate: float
-    grad_norm: float
-    elapsed_seconds: float
-    val_loss: float | None
-    summary: TrainSummary | None
-    run_step: int = 0
-
-
-@dataclass(frozen=True)
-class StreamStep:
-    step: int
-    loss: float
-    grad_norm: float
-    learning_rate: float
-    skipped: bool
-
-
-_KIND = {pb.EVENT_KIND_PROGRESS: "progress", pb.EVENT_KIND_EPOCH_END: "epoch_end",
-         pb.EVENT_KIND_DONE: "done"}
-
-
-def _reason(value: int) -> str:
-    return pb.StopReason.Name(value).removeprefix("STOP_REASON_").lower()
-
-
-def train_event(msg: pb.TrainEvent) -> TrainEvent:
-    summary = None
-    if msg.HasField("summary"):
-        s = msg.summary
-        summary = TrainSummary(s.steps, s.epochs, s.final_loss, _reason(s.stop_reason),
-                               s.skipped_batches, s.message, s.model_step)
-    return TrainEvent(_KIND.get(msg.kind, "unknown"), msg.step, msg.epoch, msg.batch_loss,
-                      msg.epoch_loss, msg.samples_per_second, msg.learning_rate, msg.grad_norm,
-                      msg.elapsed_seconds, msg.val_loss if msg.HasField("val_loss") else None,
-                      summary, msg.run_step)
-
-
-def stream_step(msg: pb.TrainStreamResponse) -> StreamStep:
-    return StreamStep(msg.step, msg.loss, msg.grad_norm, msg.learning_rate, msg.skipped)
-
-
-def dataset_info(msg: pb.DatasetInfo) -> DatasetInfo:
-    return DatasetInfo(msg.dataset_id, msg.num_samples, msg.num_bytes)
-
-
-def checkpoint_info(msg: pb.CheckpointInfo) -> CheckpointInfo:
-    return CheckpointInfo(msg.name, msg.model_id, msg.step, msg.num_bytes, msg.created_unix,
-                          msg.error)
 
 
 # ------------------------------------------------------------------------------------ requests
@@ -313,6 +244,8 @@ def create_model(
     exported: Any = None,
     loss_output: int | str | None = None,
 ) -> Op[ModelInfo]:
+    """Create a model from layers=, expression=, plugin=, module= or exported= (README "Model
+    specs"; exported models: docs/exported.md)."""
     given = [x is not None for x in (layers, expression, plugin, module, exported)]
     if sum(given) != 1:
         raise ValueError("give exactly one of layers=, expression=, plugin=, module= or "
@@ -329,8 +262,9 @@ def create_model(
         for i, layer in enumerate(layers):
             layer = dict(layer)
             kind = layer.pop("type", None)
-            if not isinstance(kind, str):
-                raise ValueError(f"layers[{i}]: needs a 'type', e.g. {{'type': 'Linear', ...}}")
+            if not isinstance(kind, str):  # a spec's values are checked as values (ValueError)
+                raise ValueError(  # noqa: TRY004
+                    f"layers[{i}]: needs a 'type', e.g. {{'type': 'Linear', ...}}")
             spec.layers.layers.append(pb.Layer(type=kind, kwargs=struct(layer)))
     elif expression is not None:
         spec.expression.SetInParent()
@@ -364,9 +298,9 @@ def create_model(
 
 
 def forward(model_id: str, inputs: Sequence[Any], retain_graph: bool, eval_mode: bool
-            ) -> Op[Any]:
+            ) -> Op[Tensor | ForwardResult]:
     payloads: dict[Any, Any] = {}
-    req = _wire.framed(pb.ForwardRequest(
+    req = wire.framed(pb.ForwardRequest(
         model_id=model_id, retain_graph=retain_graph, eval_mode=eval_mode,
         inputs=[tensor_part(x, f"inputs[{i}]", payloads, ("inputs", i))
                 for i, x in enumerate(inputs)]), payloads)
@@ -402,7 +336,7 @@ def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: An
     elif grad_output is not None:
         msg.grad_output.CopyFrom(tensor_part(grad_output, "grad_output", payloads,
                                              ("grad_output",)))
-    req = _wire.framed(msg, payloads)
+    req = wire.framed(msg, payloads)
 
     def decode(r: pb.BackwardResponse) -> BackwardResult:
         return BackwardResult(
@@ -425,12 +359,13 @@ def zero_grad(model_id: str) -> Op[None]:
 
 
 def get_parameters(model_id: str, order: Sequence[str], names: Sequence[str] = (),
-                   which: str = "parameters", include_buffers: bool = False) -> Op[dict[str, Any]]:
+                   which: str = "parameters", include_buffers: bool = False
+                   ) -> Op[dict[str, Tensor]]:
     req = pb.GetParametersRequest(model_id=model_id, names=list(names),
                                   include_grads=which == "grads",
                                   include_buffers=include_buffers)
 
-    def decode(r: pb.GetParametersResponse) -> dict[str, Any]:
+    def decode(r: pb.GetParametersResponse) -> dict[str, Tensor]:
         if which == "grads":
             return decode_named(r.grads, order)
         out = decode_named(r.parameters, order)
@@ -478,13 +413,25 @@ def num_samples(inputs: Any, target: Any) -> int | None:
     return int(shape[0]) if shape else None
 
 
+@dataclass(frozen=True)
+class TrainCall:
+    """A Train run to start: the request, the steps it will take (for the progress bar, if
+    knowable), whether to draw the bar (None: when stdout is a terminal) and its deadline."""
+
+    op: Op[TrainEvent]
+    total: int | None
+    progress: bool | None
+    timeout: float | None
+
+
 def train(model_id: str, inputs: Any = None, target: Any = None, *, dataset: str | None = None,
           validation: tuple[Any, Any] | str | None = None, epochs: int = 0, max_steps: int = 0,
           batch_size: int = 0, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
           stop_loss: float | None = None, accumulation_steps: int = 1,
           clip_grad_norm: float = 0.0, schedule_: str | Mapping[str, Any] | None = None,
           log_every_steps: int = 0, skip_nonfinite: bool = False,
-          checkpoint_every_steps: int = 0) -> Op[TrainEvent]:
+          checkpoint_every_steps: int = 0, progress: bool | None = None,
+          timeout: float | None = None) -> TrainCall:
     opts = pb.TrainOptions(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, shuffle=shuffle, seed=seed,
         drop_last=drop_last, accumulation_steps=accumulation_steps,
@@ -498,7 +445,9 @@ def train(model_id: str, inputs: Any = None, target: Any = None, *, dataset: str
         req.validation.CopyFrom(_data(None, None, validation, "validation"))
     elif validation is not None:
         req.validation.CopyFrom(_data(validation[0], validation[1], None, "validation"))
-    return Op("Train", req, train_event)
+    total = steps_per_run(num_samples(inputs, target), epochs, max_steps, batch_size, drop_last,
+                          accumulation_steps)
+    return TrainCall(Op("Train", req, train_event), total, progress, timeout)
 
 
 def steps_per_run(n: int | None, epochs: int, max_steps: int, batch_size: int, drop_last: bool,
@@ -550,39 +499,36 @@ async def _async_stream_requests(config: pb.TrainStreamRequest,
         i += 1
 
 
-def upload_requests(inputs: Any, target: Any, dataset_id: str, chunk_bytes: int
-                    ) -> Iterator[pb.UploadDatasetRequest]:
-    """Header, then each tensor's bytes in chunks, without one big copy of the dataset."""
-    arrays = [_contiguous(x) for x in (inputs if isinstance(inputs, tuple) else (inputs,))]
-    header = pb.DatasetHeader(dataset_id=dataset_id)
-    for arr, dt in arrays:
-        header.inputs.append(pb.TensorHeader(dtype=codec.dtype_wire(dt), shape=arr.shape))
-    tgt = _contiguous(target) if target is not None else None
-    if tgt is not None:
-        header.target.CopyFrom(pb.TensorHeader(dtype=codec.dtype_wire(tgt[1]), shape=tgt[0].shape))
+def upload(inputs: Any, target: Any, dataset_id: str, chunk_bytes: int,
+           timeout: float | None) -> Op[DatasetInfo]:
+    """UploadDataset: a header, then each tensor's bytes in chunks, without one big copy of the
+    dataset. Every array is converted (or refused) before anything is sent."""
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: {chunk_bytes} must be at least 1")
+    several = isinstance(inputs, tuple)
+    xs = inputs if several else (inputs,)
+    arrays = [_array(x, f"inputs[{i}]" if several else "inputs") for i, x in enumerate(xs)]
+    header = pb.DatasetHeader(dataset_id=dataset_id, inputs=[
+        pb.TensorHeader(dtype=dtype, shape=arr.shape) for dtype, arr in arrays])
+    if target is not None:
+        arrays.append(_array(target, "target"))
+        dtype, arr = arrays[-1]
+        header.target.CopyFrom(pb.TensorHeader(dtype=dtype, shape=arr.shape))
+    return Op("UploadDataset", _upload_requests(header, [a for _, a in arrays], chunk_bytes),
+              dataset_info, deadline=False, timeout=timeout)
+
+
+def _array(value: Any, what: str) -> tuple[pb.DType, np.ndarray]:
+    try:
+        return codec.encode_array(value)
+    except (TypeError, ValueError) as exc:
+        raise _refused(value, what, exc) from None
+
+
+def _upload_requests(header: pb.DatasetHeader, arrays: list[np.ndarray], chunk_bytes: int
+                     ) -> Iterator[pb.UploadDatasetRequest]:
     yield pb.UploadDatasetRequest(header=header)
-    for arr, _ in [*arrays, *([tgt] if tgt is not None else [])]:
-        view = memoryview(arr).cast("B") if arr.size else memoryview(b"")
+    for arr in arrays:
+        view = arr.reshape(-1).view(np.uint8).data
         for start in range(0, len(view), chunk_bytes):
             yield pb.UploadDatasetRequest(chunk=bytes(view[start:start + chunk_bytes]))
-
-
-def _contiguous(value: Any) -> tuple[np.ndarray, str]:
-    """A C-contiguous little-endian numpy view (bf16 as its bits) and its wire dtype name."""
-    msg_dtype = None
-    if codec.has_torch():
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            t = value.detach().cpu().contiguous()
-            msg_dtype = str(t.dtype).removeprefix("torch.")
-            if msg_dtype == "bfloat16":
-                return t.view(torch.int16).numpy(), "bfloat16"
-            value = t.numpy()
-    arr = np.asarray(value)
-    if not isinstance(value, np.ndarray) and arr.dtype.kind == "f":
-        arr = arr.astype(np.float32)
-    arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
-    name = {"f": "float", "i": "int", "u": "uint", "b": "bool"}[arr.dtype.kind]
-    name = "bool" if name == "bool" else f"{name}{arr.dtype.itemsize * 8}"
-    return arr, msg_dtype or name

@@ -1,4 +1,4 @@
-"""The asyncio client, on grpc.aio. Same calls and the same RemoteModel as the sync Client.
+"""The asyncio client, on grpc.aio: the same calls as the sync Client, awaited.
 
     async with AsyncClient("127.0.0.1:50051") as client:
         m = await client.create_model(layers=[...], loss="mse")
@@ -6,29 +6,35 @@
         async for event in m.train(X, y, epochs=3):
             ...
 
-Requests and replies are built and decoded by the same code as the sync client's (ClientCalls,
-RemoteModel, _ops); only sending differs: every call returns an awaitable.
+Requests and replies are built and decoded by the same code as the sync client's
+(gradserve.model, _ops); only sending differs: every call returns an awaitable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
 from . import _channel, _ops
-from ._ops import Op, TrainEvent
+from ._ops import Op, TrainCall
 from .client import DEFAULT_TIMEOUT, _RunState
-from .errors import GradServeError, from_rpc_error
+from .errors import from_rpc_error
 from .history import History
-from .model import ClientCalls
+from .model import FIT_DOC, ClientCalls, ModelCalls, StreamCall, method_from
+from .results import ForwardResult, ModelInfo, StreamStep, Tensor, TrainEvent
+
+P = ParamSpec("P")
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 T = TypeVar("T")
+Awaitable = Coroutine[Any, Any, T]
 
 
 class AsyncTrainRun(_RunState):
@@ -62,7 +68,7 @@ class AsyncTrainRun(_RunState):
             self._cancelled = True
             self._call.cancel()
 
-    async def __aenter__(self) -> AsyncTrainRun:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -75,7 +81,86 @@ def _task_cancelling() -> bool:
     return bool(cancelling()) if cancelling is not None else False
 
 
-class AsyncClient(ClientCalls):
+# ------------------------------------------------------------------ async methods from builders
+# The Op is built when the method is called (bad arguments raise there); awaiting sends it.
+
+
+def awaiting(build: Callable[Concatenate[Any, P], Op[T]]
+             ) -> Callable[Concatenate[Any, P], Awaitable[T]]:
+    """A method that returns an awaitable of the builder's Op result."""
+    return method_from(build, lambda self, op: self._run(op))
+
+
+def awaiting_model(build: Callable[P, Op[ModelInfo]]
+                   ) -> Callable[Concatenate[Any, P], Awaitable[AsyncRemoteModel]]:
+    """A client method that returns an awaitable of the model build's Op describes."""
+    return method_from(
+        build, lambda self, op: self._run(op.then(self._remote)), bound=False)
+
+
+def async_train(build: Callable[Concatenate[Any, P], TrainCall]
+                ) -> Callable[Concatenate[Any, P], AsyncTrainRun]:
+    """A method that starts the builder's Train run: an async iterator of its events."""
+    return method_from(build, lambda self, call: self._client._train(call))
+
+
+def async_fit(build: Callable[Concatenate[Any, P], TrainCall]
+              ) -> Callable[Concatenate[Any, P], Awaitable[History]]:
+    """A method that runs the builder's Train run to its end, collected into a History."""
+    method = method_from(build, lambda self, call: self._client._fit(self._client._train(call)))
+    method.__doc__ = FIT_DOC
+    return method
+
+
+def async_stream(build: Callable[Concatenate[Any, P], StreamCall]
+                 ) -> Callable[Concatenate[Any, P], AsyncIterator[StreamStep]]:
+    """A method that streams the builder's requests and yields each decoded reply."""
+    return method_from(
+        build, lambda self, call: self._client._bidi("TrainStream", *call))
+
+
+class AsyncRemoteModel(ModelCalls):
+    """Handle to one model on the server (AsyncClient): the calls of RemoteModel, awaited;
+    train() is an async iterator."""
+
+    def _run(self, op: Op[T]) -> Awaitable[T]:
+        return self._client._run(op)
+
+    @overload
+    def forward(self, *inputs: Any, retain_graph: Literal[False] = False,
+                eval_mode: bool = False) -> Awaitable[Tensor]: ...
+    @overload
+    def forward(self, *inputs: Any, retain_graph: Literal[True],
+                eval_mode: bool = False) -> Awaitable[ForwardResult]: ...
+    @overload
+    def forward(self, *inputs: Any, retain_graph: bool,
+                eval_mode: bool = False) -> Awaitable[Tensor | ForwardResult]: ...
+
+    def forward(self, *inputs: Any, retain_graph: bool = False,
+                eval_mode: bool = False) -> Awaitable[Tensor | ForwardResult]:
+        """Run the model. retain_graph=True returns ForwardResult(output, forward_id)."""
+        return self._run(self._forward(inputs, retain_graph, eval_mode))
+
+    def wait_idle(self, timeout: float = 30.0) -> Awaitable[ModelInfo]:
+        """Wait until no Train/TrainStream run holds the model (after a cancel the server stops
+        at the next step boundary); returns the refreshed ModelInfo."""
+        return self._client._drive(self._wait_idle(timeout))
+
+    refresh = awaiting(ModelCalls._refresh)
+    backward = awaiting(ModelCalls._backward)
+    step = awaiting(ModelCalls._step)
+    zero_grad = awaiting(ModelCalls._zero_grad)
+    parameters = awaiting(ModelCalls._parameters)
+    grads = awaiting(ModelCalls._grads)
+    set_parameters = awaiting(ModelCalls._set_parameters)
+    train = async_train(ModelCalls._train)
+    fit = async_fit(ModelCalls._train)
+    train_stream = async_stream(ModelCalls._train_stream)
+    save_checkpoint = awaiting(ModelCalls._save_checkpoint)
+    delete = awaiting(ModelCalls._delete)
+
+
+class AsyncClient(ClientCalls[AsyncRemoteModel]):
     """asyncio connection to a gradserve server; the same calls as Client, awaited.
 
         async with AsyncClient("127.0.0.1:50051") as client:
@@ -85,63 +170,73 @@ class AsyncClient(ClientCalls):
     Options as for Client. Create it inside a running event loop (grpc.aio binds to it).
     """
 
+    _model_type = AsyncRemoteModel
+
     def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
                  tls: bool = False, root_certificates: bytes | str | None = None,
                  client_cert: bytes | str | None = None, client_key: bytes | str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, retries: int = 3,
+                 timeout: float = DEFAULT_TIMEOUT, retries: int = _channel.DEFAULT_RETRIES,
                  max_message_mb: int = 512) -> None:
+        self.retries = _channel.check_retries(retries)
         creds = _channel.credentials(tls, root_certificates, client_cert, client_key)
         opts = _channel.options(max_message_mb)
         self.address = address
         self._channel = (grpc.aio.secure_channel(address, creds, opts) if creds
                          else grpc.aio.insecure_channel(address, opts))
-        self._stub = _channel.stub(self._channel)  # Forward/Backward framed by _wire
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._stub: Any = _channel.stub(self._channel)  # Forward/Backward framed by wire
+        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = _channel.metadata(token)
         self.timeout = timeout
-        self.retries = retries
+
+    # ------------------------------------------------------------------ the calls
+
+    create_model = awaiting_model(_ops.create_model)
+    model = awaiting(ClientCalls[AsyncRemoteModel]._model)
+    list_models = awaiting(ClientCalls[AsyncRemoteModel]._list_models)
+    delete_model = awaiting(ClientCalls[AsyncRemoteModel]._delete_model)
+    upload_dataset = awaiting(ClientCalls[AsyncRemoteModel]._upload_dataset)
+    list_datasets = awaiting(ClientCalls[AsyncRemoteModel]._list_datasets)
+    delete_dataset = awaiting(ClientCalls[AsyncRemoteModel]._delete_dataset)
+    save_checkpoint = awaiting(ClientCalls[AsyncRemoteModel]._save_checkpoint)
+    load_checkpoint = awaiting(ClientCalls[AsyncRemoteModel]._load_checkpoint)
+    list_checkpoints = awaiting(ClientCalls[AsyncRemoteModel]._list_checkpoints)
+    delete_checkpoint = awaiting(ClientCalls[AsyncRemoteModel]._delete_checkpoint)
+    health = awaiting(ClientCalls[AsyncRemoteModel]._health)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the channel connects and health says SERVING (TimeoutError if not)."""
+        await self._drive(self._wait_ready(timeout))
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _run(self, op: Op[T], timeout: float | None = None) -> T:
-        method = getattr(self._stub if op.service == "gradient" else self._health, op.rpc)
-        delays = _channel.backoff(self.retries if op.retryable else 0)
-        while True:
-            try:
-                reply = await method(op.request,
-                                     timeout=_channel.deadline(op, timeout, self.timeout),
-                                     metadata=self._metadata)
-                return op.decode(reply)
-            except grpc.RpcError as exc:
-                delay = _channel.retry_delay(exc, delays)
-                if delay is None:
-                    raise from_rpc_error(exc) from None
-                await asyncio.sleep(delay)
+    async def _run(self, op: Op[T]) -> T:
+        """Send op (with retries, within its deadline) and return the decoded reply."""
+        return await self._drive(_ops.call(op, self.retries,
+                                           _channel.deadline(op, self.timeout)))
+
+    async def _attempt(self, attempt: _ops.Attempt) -> Any:
+        """One RPC; grpc.RpcError if it fails."""
+        op = attempt.op
+        method = getattr(self._stub if op.service == _ops.GRADIENT else self._health_stub, op.rpc)
+        return await method(op.request, timeout=attempt.timeout, metadata=self._metadata)
 
     async def _drive(self, program: _ops.Program[T]) -> T:
         """Run a Program (see _ops) with awaited calls and sleeps."""
-        reply: Any = None
-        error: GradServeError | None = None
-        while True:
-            try:
-                item = program.throw(error) if error is not None else program.send(reply)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            reply = error = None
-            if isinstance(item, tuple):
-                try:
-                    reply = await self._run(*item)
-                except GradServeError as exc:
-                    error = exc
-            else:
+        steps = _ops.Steps(program)
+        for item in steps:
+            if not isinstance(item, _ops.Attempt):
                 await asyncio.sleep(item)
+                continue
+            try:
+                steps.send(await self._attempt(item))
+            except grpc.RpcError as exc:
+                steps.throw(exc)
+        return steps.result
 
-    def _train(self, op: Op[TrainEvent], total: int | None, progress: bool | None,
-               timeout: float | None) -> AsyncTrainRun:
-        if progress is None:
-            progress = sys.stdout.isatty()
-        call = self._stub.Train(op.request, timeout=timeout, metadata=self._metadata)
-        return AsyncTrainRun(call, total, progress)
+    def _train(self, call: TrainCall) -> AsyncTrainRun:
+        progress = sys.stdout.isatty() if call.progress is None else call.progress
+        stream = self._stub.Train(call.op.request, timeout=call.timeout, metadata=self._metadata)
+        return AsyncTrainRun(stream, call.total, progress)
 
     @staticmethod
     async def _fit(run: AsyncTrainRun) -> History:
@@ -163,11 +258,11 @@ class AsyncClient(ClientCalls):
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
-__all__ = ["AsyncClient", "AsyncTrainRun"]
+__all__ = ["AsyncClient", "AsyncRemoteModel", "AsyncTrainRun"]

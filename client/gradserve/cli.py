@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import math
 import os
@@ -27,15 +26,14 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from . import _ops, codec
+from . import codec, io
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import GradServeError
 from .model import RemoteModel
+from .results import CheckpointInfo, ModelInfo, TrainSummary
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 OK_REASONS = frozenset({"completed", "max_steps", "stop_loss"})
-# Keys a spec file may hold: Client.create_model's keyword arguments.
-SPEC_KEYS = tuple(inspect.signature(_ops.create_model).parameters)
 # Casts of files read with numpy (which has no bfloat16).
 NUMPY_DTYPES = tuple(d for d in codec.DTYPE_NAMES if d != "bfloat16")
 
@@ -60,10 +58,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _model_json(info: _ops.ModelInfo) -> dict[str, Any]:
+def _model_json(info: ModelInfo) -> dict[str, Any]:
     out = _plain(info)
     out["spec"] = json_format.MessageToDict(info.spec, preserving_proto_field_name=True)
-    return out  # type: ignore[no-any-return]
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -110,134 +108,6 @@ def _date(unix: float) -> str:
 # ------------------------------------------------------------------------------------ input
 
 
-def load_spec(path: str) -> dict[str, Any]:
-    """A JSON or YAML model spec: the keyword arguments of Client.create_model."""
-    text = _read_text(path)
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise UsageError("YAML specs need PyYAML: pip install 'gradserve[cli]' (or use "
-                             "a .json spec)") from None
-        try:
-            spec = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: not valid YAML: {exc}") from None
-    else:
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(spec, dict):
-        raise UsageError(f"{path}: expected a mapping of create_model arguments, e.g. "
-                         '{"layers": [...], "loss": "mse"}')
-    unknown = sorted(set(spec) - set(SPEC_KEYS))
-    if unknown:
-        raise UsageError(f"{path}: unknown key(s) {unknown}; expected some of {list(SPEC_KEYS)}")
-    return spec
-
-
-def _read_text(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror or exc}") from None
-
-
-def _split_key(ref: str) -> tuple[str, str | None]:
-    """'data.npz:x' -> ('data.npz', 'x'); a plain path has no key."""
-    path, sep, key = ref.rpartition(":")
-    if sep and path.lower().endswith(".npz"):
-        return path, key
-    return ref, None
-
-
-def read_csv(path: str) -> np.ndarray:
-    """A numeric CSV (an optional header row is skipped) as a 2-D float32 array."""
-    text = _read_text(path)
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise UsageError(f"{path}: empty CSV")
-    skip = 0
-    try:
-        [float(v) for v in lines[0].split(",")]
-    except ValueError:
-        skip = 1  # a header row
-    try:
-        return np.loadtxt(lines[skip:], delimiter=",", dtype=np.float32, ndmin=2)
-    except ValueError as exc:
-        raise UsageError(f"{path}: not a numeric CSV: {exc}") from None
-
-
-def read_array(ref: str) -> np.ndarray:
-    """One array from FILE.npy, FILE.csv or FILE.npz[:KEY] (KEY optional with one array)."""
-    path, key = _split_key(ref)
-    suffix = Path(path).suffix.lower()
-    if suffix == ".csv":
-        return read_csv(path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
-    if isinstance(loaded, np.ndarray):
-        return loaded
-    with loaded:
-        names = list(loaded.files)
-        if key is None:
-            if len(names) != 1:
-                raise UsageError(f"{path}: holds {names}; name one as {path}:KEY")
-            key = names[0]
-        if key not in names:
-            raise UsageError(f"{path}: no array {key!r}; it holds {names}")
-        return np.asarray(loaded[key])
-
-
-def read_dataset(path: str, x_keys: Sequence[str], y_key: str | None,
-                 target_column: str) -> tuple[tuple[np.ndarray, ...], np.ndarray | None]:
-    """(inputs, target) from an .npz (keys x/inputs/x0.., y/target) or a CSV (one column is
-    the target: --target-column, default the last; 'none' for no target)."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".csv":
-        table_ = read_csv(path)
-        if target_column.lower() == "none":
-            return (table_,), None
-        try:
-            col = int(target_column)
-            y = table_[:, col]
-        except (ValueError, IndexError):
-            raise UsageError(f"--target-column {target_column!r}: expected a column index "
-                             f"within {table_.shape[1]} columns, or 'none'") from None
-        x = np.delete(table_, col % table_.shape[1], axis=1)
-        return (x,), y[:, None]
-    if suffix != ".npz":
-        raise UsageError(f"{path}: --data takes an .npz or .csv file (use --x/--y for .npy)")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: cannot read: {exc}") from None
-    with loaded:
-        names = set(loaded.files)
-        keys = list(x_keys) or _default_x_keys(names)
-        if not keys:
-            raise UsageError(f"{path}: no inputs: name them x (or x0, x1, ...) or inputs, or "
-                             f"pass --x-key; it holds {sorted(names)}")
-        ykey = y_key or next((k for k in ("y", "target") if k in names), None)
-        missing = [k for k in [*keys, *([ykey] if ykey else [])] if k not in names]
-        if missing:
-            raise UsageError(f"{path}: no array(s) {missing}; it holds {sorted(names)}")
-        inputs = tuple(np.asarray(loaded[k]) for k in keys)
-        return inputs, (np.asarray(loaded[ykey]) if ykey else None)
-
-
-def _default_x_keys(names: set[str]) -> list[str]:
-    for key in ("x", "inputs"):
-        if key in names:
-            return [key]
-    numbered = sorted((k for k in names if k[:1] == "x" and k[1:].isdigit()),
-                      key=lambda k: int(k[1:]))
-    return numbered
-
-
 def _cast(arrays: Sequence[np.ndarray], dtype: str | None) -> tuple[np.ndarray, ...]:
     if dtype is None:
         return tuple(arrays)
@@ -278,7 +148,7 @@ def cmd_models_list(client: Client, args: argparse.Namespace, out: Output) -> in
     return 0
 
 
-def _show_model(info: _ops.ModelInfo) -> str:
+def _show_model(info: ModelInfo) -> str:
     spec = info.spec
     source = spec.WhichOneof("source") or "-"
     head = table(["field", "value"], [
@@ -291,7 +161,7 @@ def _show_model(info: _ops.ModelInfo) -> str:
     return head + "\n\n" + _param_rows(info)
 
 
-def _param_rows(info: _ops.ModelInfo) -> str:
+def _param_rows(info: ModelInfo) -> str:
     return table(["name", "shape", "dtype", "trainable", "buffer"],
                  [[p.name, list(p.shape), p.dtype, p.trainable, p.buffer]
                   for p in info.parameters])
@@ -313,7 +183,7 @@ def cmd_models_delete(client: Client, args: argparse.Namespace, out: Output) -> 
 def cmd_create(client: Client, args: argparse.Namespace, out: Output) -> int:
     if not args.spec and not args.exported:
         raise UsageError("give a spec file, --exported FILE.pt2, or both")
-    spec = load_spec(args.spec) if args.spec else {}
+    spec = io.read_spec(args.spec) if args.spec else {}
     if args.exported:
         spec["exported"] = args.exported
     if isinstance(spec.get("exported"), str):  # a path: the archive's bytes go to the server
@@ -340,18 +210,18 @@ def _train_data(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.dataset and (args.data or args.x or args.y):
         raise UsageError("give --dataset or local files, not both")
     if args.data:
-        xs, y = read_dataset(args.data, args.x_key, args.y_key, args.target_column)
+        xs, y = io.read_dataset(args.data, args.x_key, args.y_key, args.target_column)
         inputs, target = _cast(xs, args.x_dtype), y
     elif args.x or args.y:
-        inputs = _cast([read_array(r) for r in args.x], args.x_dtype) or None
-        target = read_array(args.y) if args.y else None
+        inputs = _cast([io.read_array(r) for r in args.x], args.x_dtype) or None
+        target = io.read_array(args.y) if args.y else None
     if target is not None and args.y_dtype:
         target = _labels(target.astype(args.y_dtype))
     if isinstance(inputs, tuple) and len(inputs) == 1:
         inputs = inputs[0]
     validation: Any = None
     if args.val:
-        vx, vy = read_dataset(args.val, args.x_key, args.y_key, args.target_column)
+        vx, vy = io.read_dataset(args.val, args.x_key, args.y_key, args.target_column)
         vxs = _cast(vx, args.x_dtype)
         validation = (vxs[0] if len(vxs) == 1 else vxs,
                       _labels(vy.astype(args.y_dtype)) if vy is not None and args.y_dtype
@@ -368,7 +238,7 @@ def _labels(target: np.ndarray) -> np.ndarray:
     return target
 
 
-def _describe(summary: _ops.TrainSummary) -> str:
+def _describe(summary: TrainSummary) -> str:
     text = (f"{summary.stop_reason}: {summary.steps} steps, {summary.epochs} epochs, "
             f"final loss {summary.final_loss:.6g}, model step {summary.model_step}")
     if summary.skipped_batches:
@@ -425,80 +295,13 @@ def cmd_params_show(client: Client, args: argparse.Namespace, out: Output) -> in
     return 0
 
 
-def _numpy(name: str, value: Any, fmt: str) -> np.ndarray:
-    if codec.has_torch():
-        import torch
-
-        if isinstance(value, torch.Tensor):
-            if value.dtype == torch.bfloat16:
-                raise UsageError(f"{name} is bfloat16, which {fmt} cannot hold; export to "
-                                 ".safetensors instead")
-            return value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _safetensors(what: str) -> Any:
-    try:
-        import safetensors
-    except ImportError:
-        raise UsageError(f"{what} needs safetensors: pip install 'gradserve[cli]' (or use "
-                         ".npz)") from None
-    return safetensors
-
-
-def export_tensors(values: Mapping[str, Any], path: str, metadata: Mapping[str, str]) -> None:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".safetensors":
-        _safetensors("exporting .safetensors")
-        if codec.has_torch() and all(hasattr(v, "contiguous") for v in values.values()):
-            from safetensors.torch import save_file as save_torch
-
-            save_torch({k: v.detach().cpu().contiguous() for k, v in values.items()}, path,
-                       metadata=dict(metadata))
-        else:
-            from safetensors.numpy import save_file as save_numpy
-
-            save_numpy({k: np.ascontiguousarray(_numpy(k, v, suffix))
-                        for k, v in values.items()}, path, metadata=dict(metadata))
-    elif suffix == ".npz":
-        arrays = {k: _numpy(k, v, suffix) for k, v in values.items()}
-        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds badly
-    else:
-        raise UsageError(f"{path}: export to .safetensors or .npz")
-
-
-def import_tensors(path: str) -> dict[str, Any]:
-    suffix = Path(path).suffix.lower()
-    if not Path(path).is_file():
-        raise UsageError(f"{path}: no such file")
-    if suffix == ".safetensors":
-        safetensors = _safetensors("reading .safetensors")
-        try:
-            if codec.has_torch():
-                from safetensors.torch import load_file as load_torch
-
-                return dict(load_torch(path))
-            from safetensors.numpy import load_file as load_numpy
-
-            return dict(load_numpy(path))
-        except (safetensors.SafetensorError, OSError, ValueError) as exc:
-            raise UsageError(f"{path}: not a readable safetensors file: {exc}") from None
-    if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as loaded:
-                return {k: np.asarray(loaded[k]) for k in loaded.files}
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{path}: cannot read: {exc}") from None
-    raise UsageError(f"{path}: import from .safetensors or .npz")
-
-
 def cmd_params_export(client: Client, args: argparse.Namespace, out: Output) -> int:
     model = client.model(args.model)
     if args.grads:
         values = model.grads(args.names)
     else:
         values = model.parameters(args.names, buffers=args.buffers)
-    export_tensors(values, args.file, {"model_id": model.id, "step": str(model.info.step),
+    io.save_tensors(values, args.file, {"model_id": model.id, "step": str(model.info.step),
                                        "kind": "grads" if args.grads else "parameters"})
     out.emit({"model_id": model.id, "file": args.file, "step": model.info.step,
               "names": list(values)},
@@ -508,7 +311,7 @@ def cmd_params_export(client: Client, args: argparse.Namespace, out: Output) -> 
 
 
 def cmd_params_import(client: Client, args: argparse.Namespace, out: Output) -> int:
-    values = import_tensors(args.file)
+    values = io.load_tensors(args.file)
     if args.names:
         missing = [n for n in args.names if n not in values]
         if missing:
@@ -520,7 +323,7 @@ def cmd_params_import(client: Client, args: argparse.Namespace, out: Output) -> 
     return 0
 
 
-def _checkpoint_rows(items: Sequence[_ops.CheckpointInfo]) -> str:
+def _checkpoint_rows(items: Sequence[CheckpointInfo]) -> str:
     rows = table(["name", "model", "step", "bytes", "created"],
                  [[c.name, c.model_id, c.step, c.num_bytes, _date(c.created_unix)]
                   for c in items])
@@ -739,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with client:
             return int(args.fn(client, args, out))
-    except UsageError as exc:
+    except (UsageError, io.FileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except GradServeError as exc:

@@ -11,14 +11,14 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from . import _channel, _ops, shm
-from ._ops import Op, TrainEvent
-from .errors import GradServeError, from_rpc_error
+from ._ops import Op, TrainCall
+from .errors import from_rpc_error
 from .history import History
-from .model import ClientCalls
+from .model import ClientCalls, RemoteModel, blocking, blocking_model
+from .results import TrainEvent, TrainSummary, train_event
 
 if TYPE_CHECKING:
-    from ._ops import CheckpointInfo, DatasetInfo
-    from .model import RemoteModel
+    from typing_extensions import Self
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 60.0
@@ -40,7 +40,7 @@ class _RunState:
         self._pbar = _bar(self._total) if self._progress else None
 
     def _record(self, msg: Any) -> TrainEvent:
-        event = _ops.train_event(msg)
+        event = train_event(msg)
         self.events.append(event)
         if self._pbar is not None:
             _advance(self._pbar, event)
@@ -61,7 +61,7 @@ class _RunState:
         raise NotImplementedError
 
     @property
-    def summary(self) -> _ops.TrainSummary | None:
+    def summary(self) -> TrainSummary | None:
         """The DONE event's summary (None until it arrived, e.g. after a cancel)."""
         return self.events[-1].summary if self.events else None
 
@@ -97,34 +97,38 @@ def _advance(bar: Any, event: TrainEvent) -> None:
     bar.set_postfix(loss=f"{event.epoch_loss:.4g}", refresh=event.kind == "done")
 
 
-class Client(ClientCalls):
+class Client(ClientCalls[RemoteModel]):
     """Connection to a gradserve server.
 
         with Client("127.0.0.1:50051") as client:
             m = client.create_model(layers=[...], loss="mse", optimizer={"type": "sgd", "lr": 0.1})
 
     token: bearer token; tls / root_certificates / client_cert / client_key: TLS and mutual TLS
-    (PEM bytes or file paths); timeout: default deadline of every call in seconds (Train: none);
-    retries: attempts after UNAVAILABLE / DEADLINE_EXCEEDED on calls that are safe to repeat.
-    shared_memory: send large Forward/Backward tensors through shared memory when the server is
-    on this host (gradserve.shm); None (default) tries it for loopback addresses and falls back
-    to the wire by itself, False never tries.
-    The calls themselves (create_model, list_models, health, ...) are written once, in
-    ClientCalls, for this client and the AsyncClient.
+    (PEM bytes or file paths). timeout: the default deadline of a call in seconds, over all its
+    attempts and the waits between them (Train runs have none unless given). retries: further
+    attempts after UNAVAILABLE for calls safe to repeat (the methods service_config.json names;
+    0: one attempt); DEADLINE_EXCEEDED is never retried. shared_memory: send large
+    Forward/Backward tensors through shared memory when the server is on this host
+    (gradserve.shm); None (default) tries it for loopback addresses and falls back to the wire
+    by itself, False never tries.
+    The calls are written once (gradserve.model) for this client and the AsyncClient.
     """
+
+    _model_type = RemoteModel
 
     def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
                  tls: bool = False, root_certificates: bytes | str | None = None,
                  client_cert: bytes | str | None = None, client_key: bytes | str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, retries: int = 3,
+                 timeout: float = DEFAULT_TIMEOUT, retries: int = _channel.DEFAULT_RETRIES,
                  max_message_mb: int = 512, shared_memory: bool | None = None) -> None:
+        self.retries = _channel.check_retries(retries)
         creds = _channel.credentials(tls, root_certificates, client_cert, client_key)
         opts = _channel.options(max_message_mb)
         self.address = address
         self._channel = (grpc.secure_channel(address, creds, opts) if creds
                          else grpc.insecure_channel(address, opts))
         self._stub: Any = _channel.stub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = _channel.metadata(token)
         # Same-host fast path (gradserve.shm): tried by default on loopback addresses.
         self._shm: shm.SharedMemory | None = None
@@ -134,48 +138,55 @@ class Client(ClientCalls):
                                          self._stub.UnregisterSharedMemory, self._metadata)
             self._stub = shm.Stub(self._stub, self._shm)
         self.timeout = timeout
-        self.retries = retries
+
+    # ------------------------------------------------------------------ the calls
+
+    create_model = blocking_model(_ops.create_model)
+    model = blocking(ClientCalls[RemoteModel]._model)
+    list_models = blocking(ClientCalls[RemoteModel]._list_models)
+    delete_model = blocking(ClientCalls[RemoteModel]._delete_model)
+    upload_dataset = blocking(ClientCalls[RemoteModel]._upload_dataset)
+    list_datasets = blocking(ClientCalls[RemoteModel]._list_datasets)
+    delete_dataset = blocking(ClientCalls[RemoteModel]._delete_dataset)
+    save_checkpoint = blocking(ClientCalls[RemoteModel]._save_checkpoint)
+    load_checkpoint = blocking(ClientCalls[RemoteModel]._load_checkpoint)
+    list_checkpoints = blocking(ClientCalls[RemoteModel]._list_checkpoints)
+    delete_checkpoint = blocking(ClientCalls[RemoteModel]._delete_checkpoint)
+    health = blocking(ClientCalls[RemoteModel]._health)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until the channel connects and health says SERVING (TimeoutError if not)."""
+        self._drive(self._wait_ready(timeout))
 
     # ------------------------------------------------------------------ plumbing
 
-    def _run(self, op: Op[T], timeout: float | None = None) -> T:
-        method = getattr(self._stub if op.service == "gradient" else self._health, op.rpc)
-        delays = _channel.backoff(self.retries if op.retryable else 0)
-        while True:
-            try:
-                reply = method(op.request, timeout=_channel.deadline(op, timeout, self.timeout),
-                               metadata=self._metadata)
-                return op.decode(reply)
-            except grpc.RpcError as exc:
-                delay = _channel.retry_delay(exc, delays)
-                if delay is None:
-                    raise from_rpc_error(exc) from None
-                time.sleep(delay)
+    def _run(self, op: Op[T]) -> T:
+        """Send op (with retries, within its deadline) and return the decoded reply."""
+        return self._drive(_ops.call(op, self.retries, _channel.deadline(op, self.timeout)))
+
+    def _attempt(self, attempt: _ops.Attempt) -> Any:
+        """One RPC; grpc.RpcError if it fails."""
+        op = attempt.op
+        method = getattr(self._stub if op.service == _ops.GRADIENT else self._health_stub, op.rpc)
+        return method(op.request, timeout=attempt.timeout, metadata=self._metadata)
 
     def _drive(self, program: _ops.Program[T]) -> T:
         """Run a Program (see _ops) with blocking calls and sleeps."""
-        reply: Any = None
-        error: GradServeError | None = None
-        while True:
-            try:
-                item = program.throw(error) if error is not None else program.send(reply)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            reply = error = None
-            if isinstance(item, tuple):
-                try:
-                    reply = self._run(*item)
-                except GradServeError as exc:
-                    error = exc
-            else:
+        steps = _ops.Steps(program)
+        for item in steps:
+            if not isinstance(item, _ops.Attempt):
                 time.sleep(item)
+                continue
+            try:
+                steps.send(self._attempt(item))
+            except grpc.RpcError as exc:
+                steps.throw(exc)
+        return steps.result
 
-    def _train(self, op: Op[TrainEvent], total: int | None, progress: bool | None,
-               timeout: float | None) -> TrainRun:
-        if progress is None:
-            progress = sys.stdout.isatty()
-        call = self._stub.Train(op.request, timeout=timeout, metadata=self._metadata)
-        return TrainRun(call, total, progress)
+    def _train(self, call: TrainCall) -> TrainRun:
+        progress = sys.stdout.isatty() if call.progress is None else call.progress
+        stream = self._stub.Train(call.op.request, timeout=call.timeout, metadata=self._metadata)
+        return TrainRun(stream, call.total, progress)
 
     @staticmethod
     def _fit(run: TrainRun) -> History:
@@ -199,28 +210,11 @@ class Client(ClientCalls):
             self._shm.close()
         self._channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    if TYPE_CHECKING:  # the sync results of the calls inherited from ClientCalls
-        def create_model(self, *, model_id: str = "", **spec: Any) -> RemoteModel: ...
-        def model(self, model_id: str) -> RemoteModel: ...
-        def list_models(self) -> list[RemoteModel]: ...
-        def delete_model(self, model_id: str) -> None: ...
-        def upload_dataset(self, inputs: Any, target: Any = None, *, dataset_id: str = "",
-                           chunk_bytes: int = ..., timeout: float | None = None
-                           ) -> DatasetInfo: ...
-        def list_datasets(self) -> list[DatasetInfo]: ...
-        def delete_dataset(self, dataset_id: str) -> None: ...
-        def save_checkpoint(self, model_id: str, name: str = "") -> CheckpointInfo: ...
-        def load_checkpoint(self, name: str, model_id: str = "") -> RemoteModel: ...
-        def list_checkpoints(self) -> list[CheckpointInfo]: ...
-        def delete_checkpoint(self, name: str) -> None: ...
-        def health(self, service: str = "", timeout: float | None = None) -> str: ...
-        def wait_ready(self, timeout: float = 30.0) -> None: ...
 
 
 __all__ = ["Client", "TrainRun"]

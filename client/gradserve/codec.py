@@ -2,12 +2,16 @@
 
 One dtype table drives both directions. Data is raw little-endian C-order bytes; bfloat16 travels
 as its 16-bit pattern. torch is optional: without it, bfloat16 decodes to float32 (exactly).
+torch is imported when it is first needed (decoding, bf16 from numpy), not with this module:
+encoding a torch tensor needs no import, since its caller already imported torch.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
@@ -18,17 +22,6 @@ from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 if TYPE_CHECKING:
     import torch
-
-try:
-    import torch as _torch
-except ImportError:  # the SDK works with numpy alone
-    _torch = None  # type: ignore[assignment]
-
-if _torch is not None:
-    # Decoding wraps the message's immutable bytes without a copy; torch warns once that the
-    # buffer is read-only. The server never writes into decoded inputs (in-place layers are refused).
-    warnings.filterwarnings("ignore", message="The given buffer is not writable")
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 ArrayLike = Union["torch.Tensor", np.ndarray, float, int, bool, list]
 
@@ -44,7 +37,7 @@ class CodecError(ValueError):
 
 @dataclass(frozen=True)
 class _DType:
-    wire: int
+    wire: pb.DType
     name: str
     numpy: str  # little-endian numpy dtype; bf16 uses its raw 16-bit pattern
     torch: str
@@ -63,17 +56,47 @@ _TABLE: tuple[_DType, ...] = (
     _DType(pb.DTYPE_UINT8, "uint8", "u1", "uint8", 1),
     _DType(pb.DTYPE_BOOL, "bool", "?", "bool", 1),
 )
-_BY_WIRE = {d.wire: d for d in _TABLE}
+_BY_WIRE: dict[int, _DType] = {d.wire: d for d in _TABLE}
 _BY_NAME = {d.name: d for d in _TABLE}
-# numpy kinds that map onto a wire dtype (bf16 has no numpy dtype).
 # (numpy kind, itemsize) -> entry; bf16 has no numpy dtype and uint16 is not a wire dtype.
 _BY_NUMPY = {(np.dtype(d.numpy).kind, d.itemsize): d for d in _TABLE if d.name != "bfloat16"}
-# torch dtype -> entry, and wire enum -> torch dtype (empty without torch).
-_BY_TORCH: dict[Any, _DType] = (
-    {getattr(_torch, d.torch): d for d in _TABLE} if _torch is not None else {})
-_TORCH_BY_WIRE: dict[int, Any] = {e.wire: t for t, e in _BY_TORCH.items()}
 # torch.frombuffer reads native byte order; on a big-endian host decoding goes through numpy.
 _LITTLE = sys.byteorder == "little"
+
+
+class _Torch:
+    """torch and its dtype tables, loaded on first use (None where torch is not installed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loaded = False
+        self.module: Any = None
+        self.by_torch: dict[Any, _DType] = {}  # torch dtype -> entry
+        self.by_wire: dict[int, Any] = {}  # wire enum -> torch dtype
+
+    def load(self) -> Any:
+        if not self._loaded:
+            with self._lock:
+                if not self._loaded:
+                    module: Any
+                    try:
+                        import torch as module
+                    except ImportError:  # the SDK works with numpy alone
+                        module = None
+                    if module is not None:
+                        self.by_torch = {getattr(module, d.torch): d for d in _TABLE}
+                        self.by_wire = {e.wire: t for t, e in self.by_torch.items()}
+                    self.module = module
+                    self._loaded = True
+        return self.module
+
+    def tensor(self, value: Any) -> bool:
+        """True for a torch tensor. Imports nothing: a tensor's torch is imported already."""
+        module = sys.modules.get("torch")
+        return module is not None and isinstance(value, getattr(module, "Tensor", ()))
+
+
+_TORCH = _Torch()
 
 DTYPE_NAMES: tuple[str, ...] = tuple(d.name for d in _TABLE)
 
@@ -86,7 +109,7 @@ def dtype_name(wire: int) -> str:
         raise CodecError(f"unknown dtype enum value {wire}; expected one of {DTYPE_NAMES}") from None
 
 
-def dtype_wire(name: str) -> int:
+def dtype_wire(name: str) -> pb.DType:
     """'float32' etc. (or a torch/numpy dtype) -> wire enum value."""
     key = str(name).removeprefix("torch.")
     try:
@@ -143,6 +166,13 @@ def encode(value: ArrayLike, *, dtype: str | None = None) -> pb.Tensor:
     return pb.Tensor(dtype=entry.wire, shape=arr.shape, data=arr.tobytes())
 
 
+def encode_array(value: ArrayLike, *, dtype: str | None = None) -> tuple[pb.DType, np.ndarray]:
+    """The wire dtype and the array whose bytes encode() would send (C-contiguous,
+    little-endian, bf16 as its 16-bit pattern), without copying a value that already is one."""
+    entry, arr = _contiguous(value, dtype)
+    return entry.wire, arr
+
+
 def encode_parts(value: ArrayLike, *, dtype: str | None = None, minimum: int = 0
                  ) -> tuple[pb.Tensor, memoryview | None]:
     """Like encode, but a payload of at least `minimum` bytes is returned beside the message as
@@ -151,27 +181,33 @@ def encode_parts(value: ArrayLike, *, dtype: str | None = None, minimum: int = 0
     entry, arr = _contiguous(value, dtype)
     if arr.nbytes < minimum or arr.nbytes == 0:
         return pb.Tensor(dtype=entry.wire, shape=arr.shape, data=arr.tobytes()), None
-    view = memoryview(arr.reshape(-1).view(np.uint8))
+    view = arr.reshape(-1).view(np.uint8).data
     return pb.Tensor(dtype=entry.wire, shape=arr.shape), view
 
 
 def _contiguous(value: ArrayLike, dtype: str | None) -> tuple[_DType, np.ndarray]:
     """The wire dtype and a C-contiguous little-endian array of value (bf16 as its bits)."""
-    if _torch is not None and isinstance(value, _torch.Tensor):
-        return _torch_array(value, dtype)
+    if _TORCH.tensor(value):
+        return _torch_array(value, dtype)  # type: ignore[arg-type]
     arr = np.asarray(value)
+    if arr.dtype.kind not in "fiub":  # complex, str, bytes, object, datetime...
+        raise CodecError(f"unsupported dtype {arr.dtype}: a tensor holds numbers, one of "
+                         f"{DTYPE_NAMES}")
     if not isinstance(value, np.ndarray) and dtype is None:
-        dtype = {"f": "float32", "i": "int64", "u": "int64"}.get(arr.dtype.kind)
+        if arr.dtype.kind == "u":  # Python ints numpy only fits in uint64
+            raise CodecError("integers above 2**63 - 1 do not fit int64")
+        dtype = {"f": "float32", "i": "int64"}.get(arr.dtype.kind)
     if dtype is not None:
         name = _valid_name(dtype)
         if name == "bfloat16":
-            if _torch is None:
+            torch = _TORCH.load()
+            if torch is None:
                 raise CodecError("encoding bfloat16 from numpy needs torch installed")
-            return _torch_array(_torch.from_numpy(np.array(arr, dtype=np.float32)), name)
+            return _torch_array(torch.from_numpy(np.array(arr, dtype=np.float32)), name)
         arr = arr.astype(_BY_NAME[name].numpy, copy=False)
     entry = _BY_NUMPY.get((arr.dtype.kind, arr.dtype.itemsize))
     if entry is None:
-        raise CodecError(f"unsupported numpy dtype {arr.dtype}; expected one of {DTYPE_NAMES}")
+        raise CodecError(f"unsupported dtype {arr.dtype}: cast to one of {DTYPE_NAMES}")
     # ascontiguousarray makes 0-d arrays 1-d: keep the original shape.
     return entry, np.ascontiguousarray(arr, dtype=entry.numpy).reshape(arr.shape)
 
@@ -183,13 +219,13 @@ def _valid_name(name: Any) -> str:
     return key
 
 
-def _torch_array(t: "torch.Tensor", dtype: str | None) -> tuple[_DType, np.ndarray]:
-    assert _torch is not None
+def _torch_array(t: torch.Tensor, dtype: str | None) -> tuple[_DType, np.ndarray]:
+    torch = _TORCH.load()
     if dtype is not None:
-        t = t.to(getattr(_torch, _valid_name(dtype)))
-    entry = _BY_TORCH.get(t.dtype)
+        t = t.to(getattr(torch, _valid_name(dtype)))
+    entry = _TORCH.by_torch.get(t.dtype)
     if entry is None:
-        raise CodecError(f"unsupported torch dtype {t.dtype}; expected one of {DTYPE_NAMES}")
+        raise CodecError(f"unsupported dtype {t.dtype}: cast to one of {DTYPE_NAMES}")
     if t.requires_grad:
         t = t.detach()
     if t.device.type != "cpu":
@@ -197,19 +233,19 @@ def _torch_array(t: "torch.Tensor", dtype: str | None) -> tuple[_DType, np.ndarr
     if not t.is_contiguous():
         t = t.contiguous()
     if entry.name == "bfloat16":
-        t = t.view(_torch.int16)
+        t = t.view(torch.int16)
     arr = t.numpy()
     return entry, arr if _LITTLE else arr.astype(entry.numpy)
 
 
-def to_host(t: "torch.Tensor") -> "torch.Tensor":
+def to_host(t: torch.Tensor) -> torch.Tensor:
     """Copy a device tensor to host memory: into pinned memory without blocking, then one
     synchronisation (on the copy's stream) right before the bytes are read."""
-    assert _torch is not None
+    torch = _TORCH.load()
     if t.device.type == "cuda":
-        host = _torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
-        _torch.cuda.current_stream(t.device).synchronize()
+        torch.cuda.current_stream(t.device).synchronize()
         return host
     return t.cpu()
 
@@ -229,40 +265,62 @@ def to_numpy(msg: pb.Tensor, what: str = "tensor", *, writable: bool = True) -> 
     return arr.copy() if writable and not arr.flags.writeable else arr
 
 
-def to_torch(msg: pb.Tensor, what: str = "tensor", *, writable: bool = True) -> "torch.Tensor":
+def to_torch(msg: pb.Tensor, what: str = "tensor", *, writable: bool = True) -> torch.Tensor:
     """Decode to a CPU torch tensor. writable=False shares the message's bytes (no copy).
 
-    msg may also be a framing view (gradserve._wire) whose data is a buffer: a bytearray is used
+    msg may also be a framing view (gradserve.wire) whose data is a buffer: a bytearray is used
     as it is; a read-only or misaligned view is copied when needed.
     """
-    if _torch is None:
+    torch = _TORCH.load()
+    if torch is None:
         raise CodecError("decoding to torch needs torch installed")
     entry, shape = _entry(msg, what)
     data: Any = msg.data  # bytes, or a buffer from a framing view
     _check_length(entry, shape, data, what, msg)
-    tdtype = _TORCH_BY_WIRE[entry.wire]
+    tdtype = _TORCH.by_wire[entry.wire]
     if not data:
-        return _torch.empty(shape, dtype=tdtype)
+        return torch.empty(shape, dtype=tdtype)
     if not _LITTLE:
         native = np.frombuffer(data, dtype=entry.numpy).astype(entry.numpy.replace("<", ">"))
-        return _torch.from_numpy(native).view(tdtype).reshape(shape)
+        return torch.from_numpy(native).view(tdtype).reshape(shape)
     if writable and not isinstance(data, bytearray):
         data = bytearray(data)
+    elif not writable:
+        quiet_readonly_warnings()
     if entry.name == "bfloat16":
-        return _torch.frombuffer(data, dtype=tdtype).reshape(shape)
+        return torch.frombuffer(data, dtype=tdtype).reshape(shape)
     # numpy then from_numpy: no torch operator runs, so the GIL is not dropped and retaken
     # (each drop lets a waiting gRPC thread in, which costs more than the decode itself).
     arr = np.frombuffer(data, dtype=entry.numpy)
     if isinstance(data, memoryview) and arr.ctypes.data % entry.itemsize:
         arr = arr.copy()  # a payload view at an odd offset (a foreign sender): align it
-    return _torch.from_numpy(arr.reshape(shape))
+    return torch.from_numpy(arr.reshape(shape))
+
+
+_READONLY_WARNINGS = ("The given buffer is not writable", "The given NumPy array is not writable")
+_MODULE = rf"{__name__.replace('.', '[.]')}$"
+# As warnings.filterwarnings stores them (to see whether they are still there).
+_FILTERS = [("ignore", re.compile(m, re.IGNORECASE), UserWarning, re.compile(_MODULE), 0)
+            for m in _READONLY_WARNINGS]
+
+
+def quiet_readonly_warnings() -> None:
+    """Silence torch's warning that a tensor wraps read-only memory, for this module's own
+    decodes only: to_torch(writable=False) over request bytes that nothing writes into (the
+    server refuses in-place layers). The filter names this module, so the same warning from
+    any other code still shows. Called by to_torch(writable=False) itself (again after
+    something reset the filters); the server may call it at start-up. Idempotent."""
+    if not all(f in warnings.filters for f in _FILTERS):
+        for message in _READONLY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning,
+                                    module=_MODULE)
 
 
 def decode(msg: pb.Tensor, what: str = "tensor") -> Any:
     """Decode for users: a torch tensor when torch is importable, else a numpy array."""
-    return to_torch(msg, what) if _torch is not None else to_numpy(msg, what)
+    return to_torch(msg, what) if _TORCH.load() is not None else to_numpy(msg, what)
 
 
 def has_torch() -> bool:
-    """True when torch is importable (results are then torch tensors)."""
-    return _torch is not None
+    """True when torch is importable (results are then torch tensors). Imports it."""
+    return _TORCH.load() is not None

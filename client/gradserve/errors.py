@@ -26,6 +26,11 @@ class InvalidArgumentError(GradServeError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class TensorArgumentError(InvalidArgumentError, TypeError):
+    """A value the SDK cannot send as a tensor (complex, str, object, uint64, ...), refused
+    before anything is sent; the message names the argument. Also a TypeError, as before."""
+
+
 class NotFoundError(GradServeError):
     code = grpc.StatusCode.NOT_FOUND
 

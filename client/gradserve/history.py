@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._ops import TrainEvent, TrainSummary
+import numpy as np
+
+from .results import TrainEvent, TrainSummary
 
 
 @dataclass
@@ -55,7 +57,7 @@ class History:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.set_title(title)
-        if ax.lines and min(min(line.get_ydata()) for line in ax.lines) > 0:
+        if ax.lines and min(float(np.min(line.get_ydata())) for line in ax.lines) > 0:
             ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()

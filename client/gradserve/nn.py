@@ -14,7 +14,6 @@ PyTorch, until remote.step() or remote.zero_grad().
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 try:
@@ -22,8 +21,8 @@ try:
 except ImportError:  # pragma: no cover - the SDK works without torch; this module does not
     raise ImportError("gradserve.nn needs torch: pip install torch") from None
 
-from ._ops import ForwardResult
 from .model import RemoteModel
+from .results import ForwardResult
 
 
 class RemoteModule(torch.nn.Module):
@@ -41,7 +40,7 @@ class RemoteModule(torch.nn.Module):
 
     def __init__(self, model: RemoteModel) -> None:
         super().__init__()
-        if inspect.iscoroutinefunction(getattr(model._client, "_run", None)):
+        if not isinstance(model, RemoteModel):
             raise TypeError("RemoteModule needs a model from the sync Client: autograd calls "
                             "forward and backward synchronously")
         self.model = model

@@ -29,7 +29,7 @@ from typing import Any
 
 import grpc
 
-from . import _wire
+from . import wire as _wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
 
 log = logging.getLogger("gradserve.shm")

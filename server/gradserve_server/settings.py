@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -195,9 +195,23 @@ def env_name(name: str) -> str:
     return f"GRADSERVE_{name.upper()}"
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+
+
+def _boolean(raw: str) -> bool:
+    """'true'/'false' (also 1/0, yes/no, on/off): bool('false') would be True."""
+    try:
+        return _BOOLEANS[raw.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{raw!r} is not a boolean") from None
+
+
 def _convert(kind: Any, raw: str) -> Any:
-    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(kind), kind)
-    return kind(raw)
+    name = getattr(kind, "__name__", str(kind))  # a type, or its name (string annotations)
+    converters: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str,
+                                                    "bool": _boolean}
+    return converters.get(name, kind)(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from gradserve import _wire
+from gradserve import wire as _wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve._proto.gradserve.v1 import gradserve_pb2_grpc as pb_grpc
 

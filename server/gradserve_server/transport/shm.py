@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradserve import _wire
+from gradserve import wire as _wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from ..core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted

@@ -1,0 +1,167 @@
+"""What SDK calls return: one definition of each result, decoded from its reply message.
+
+Plain dataclasses over the generated messages; nothing here talks to a server (no grpc import),
+so other code (the server included) may use these types too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from ._proto.gradserve.v1 import gradserve_pb2 as pb
+
+if TYPE_CHECKING:
+    # A decoded tensor: torch.Tensor when torch is importable, else a numpy array. Type checkers
+    # see torch.Tensor (or Any where torch is not installed).
+    from torch import Tensor
+else:
+    Tensor = Any
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    trainable: bool
+    buffer: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    step: int
+    device: str
+    num_parameters: int
+    parameters: tuple[ParameterInfo, ...]
+    inputs: tuple[str, ...]
+    retained_graphs: int
+    training: bool
+    loss: str
+    optimizer: str
+    spec: pb.ModelSpec = field(repr=False)
+    # Output names of a multi-output (exported) model; forward returns a tuple in this order.
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return [p.name for p in self.parameters if not p.buffer]
+
+
+def model_info(msg: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        model_id=msg.model_id, step=msg.step, device=msg.device,
+        num_parameters=msg.num_parameters,
+        parameters=tuple(ParameterInfo(p.name, tuple(p.shape), codec.dtype_name(p.dtype),
+                                       p.trainable, p.buffer) for p in msg.parameters),
+        inputs=tuple(msg.inputs), retained_graphs=msg.retained_graphs, training=msg.training,
+        loss=msg.spec.loss.type, optimizer=msg.spec.optimizer.type, spec=msg.spec,
+        outputs=tuple(msg.outputs),
+    )
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    output: Tensor
+    forward_id: str
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """loss: float (None with grad_output); grads: name -> tensor; input_grads: list."""
+
+    loss: float | None
+    step: int
+    grads: dict[str, Tensor]
+    input_grads: list[Tensor]
+    output: Tensor | None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    dataset_id: str
+    num_samples: int
+    num_bytes: int
+
+
+def dataset_info(msg: pb.DatasetInfo) -> DatasetInfo:
+    return DatasetInfo(msg.dataset_id, msg.num_samples, msg.num_bytes)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    model_id: str
+    step: int
+    num_bytes: int
+    created_unix: float
+    error: str = ""  # why the file cannot be loaded; empty for a usable checkpoint
+
+
+def checkpoint_info(msg: pb.CheckpointInfo) -> CheckpointInfo:
+    return CheckpointInfo(msg.name, msg.model_id, msg.step, msg.num_bytes, msg.created_unix,
+                          msg.error)
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    epochs: int
+    final_loss: float
+    stop_reason: str
+    skipped_batches: int
+    message: str
+    model_step: int
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """kind: 'progress', 'epoch_end' or 'done' (the last, with summary)."""
+
+    kind: str
+    step: int
+    epoch: int
+    batch_loss: float
+    epoch_loss: float
+    samples_per_second: float
+    learning_rate: float
+    grad_norm: float
+    elapsed_seconds: float
+    val_loss: float | None
+    summary: TrainSummary | None
+    run_step: int = 0
+
+
+_KIND = {pb.EVENT_KIND_PROGRESS: "progress", pb.EVENT_KIND_EPOCH_END: "epoch_end",
+         pb.EVENT_KIND_DONE: "done"}
+
+
+def _reason(value: int) -> str:
+    return pb.StopReason.Name(value).removeprefix("STOP_REASON_").lower()
+
+
+def train_event(msg: pb.TrainEvent) -> TrainEvent:
+    summary = None
+    if msg.HasField("summary"):
+        s = msg.summary
+        summary = TrainSummary(s.steps, s.epochs, s.final_loss, _reason(s.stop_reason),
+                               s.skipped_batches, s.message, s.model_step)
+    return TrainEvent(_KIND.get(msg.kind, "unknown"), msg.step, msg.epoch, msg.batch_loss,
+                      msg.epoch_loss, msg.samples_per_second, msg.learning_rate, msg.grad_norm,
+                      msg.elapsed_seconds, msg.val_loss if msg.HasField("val_loss") else None,
+                      summary, msg.run_step)
+
+
+@dataclass(frozen=True)
+class StreamStep:
+    step: int
+    loss: float
+    grad_norm: float
+    learning_rate: float
+    skipped: bool
+
+
+def stream_step(msg: pb.TrainStreamResponse) -> StreamStep:
+    return StreamStep(msg.step, msg.loss, msg.grad_norm, msg.learning_rate, msg.skipped)
