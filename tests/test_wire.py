@@ -322,7 +322,8 @@ def test_plans_come_from_the_descriptor() -> None:
     plan = wire.plan_for(pb.BackwardResponse.DESCRIPTOR)
     assert plan is not None
     assert {f.name: (f.map, f.repeated) for f in plan.by_name.values()} == {
-        "grads": (True, False), "input_grads": (False, True), "output": (False, False)}
+        "grads": (True, False), "input_grads": (False, True), "output": (False, False),
+        "outputs": (False, True)}
     assert wire.plan_for(pb.StepRequest.DESCRIPTOR) is None
     # A message whose tensors are nested deeper is not framed: split() is protobuf there.
     assert wire.plan_for(pb.TrainRequest.DESCRIPTOR) is None
