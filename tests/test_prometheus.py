@@ -165,7 +165,7 @@ def test_prometheus_scrapes_loss_and_step_latency(
     # Every dashboard query is valid PromQL here, and the loss panel shows the model.
     for title, expr in dashboard_exprs():
         concrete = (expr.replace("$__rate_interval", "1m").replace("$model", ".*")
-                    .replace("$phase", ".*"))
+                    .replace("$phase", ".*").replace("$job", "gradserve"))
         reply = prom.get("/api/v1/query", query=concrete)
         assert reply["status"] == "success", f"panel {title!r}: {reply.get('error')}"
         if title == "Loss per model":
