@@ -116,6 +116,22 @@ def credentials(tls: bool, root_certificates: bytes | str | None, client_cert: b
                                         _read(client_cert))
 
 
+class ServerError(grpc.RpcError):
+    """The failure of a call to one of a client's several servers; its details name the server
+    (its identity, gradserve.routing), e.g. "UNAVAILABLE: 10.0.0.7:50051: failed to connect"."""
+
+    def __init__(self, exc: Any, server: str) -> None:
+        super().__init__()
+        self.error = exc
+        self.server = server
+
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()  # type: ignore[no-any-return]
+
+    def details(self) -> str:
+        return f"{self.server}: {self.error.details() or self.error.code().name}"
+
+
 def metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -137,6 +153,16 @@ FRAMED = {"Forward": pb.ForwardResponse, "Backward": pb.BackwardResponse}
 
 def _serialize(request: Any) -> bytes:
     return request.SerializeToString()  # a Framed request joins its payloads here
+
+
+@dataclass
+class Connection:
+    """One server's channel, its stubs and (sync Client) its same-host fast path."""
+
+    channel: Any
+    stub: Any
+    health: Any
+    shm: Any = None
 
 
 def stub(channel: Any) -> pb_grpc.GradientServiceStub:

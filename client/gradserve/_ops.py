@@ -20,16 +20,16 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from . import _channel, codec, wire
+from . import _channel, codec, routing, wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
-from .errors import GradServeError, TensorArgumentError, from_rpc_error
+from .errors import GradServeError, NotFoundError, TensorArgumentError, from_rpc_error
 from .results import (
     BackwardResult,
     DatasetInfo,
@@ -59,6 +59,9 @@ class Op(Generic[T]):
     deadline: bool = True
     # This call's own deadline in seconds (None: the client's default, if deadline is True).
     timeout: float | None = None
+    # With several servers, a call sent to every server (UploadDataset) that fails on one is
+    # undone on those where it succeeded: the Op that undoes it, from that server's reply.
+    undo: Callable[[Any], Op[Any]] | None = None
 
     @property
     def retryable(self) -> bool:
@@ -71,15 +74,34 @@ class Op(Generic[T]):
         """The same call, its decoded reply passed through fn (e.g. info -> RemoteModel)."""
         decode = self.decode
         return Op(self.rpc, self.request, lambda reply: fn(decode(reply)), self.service,
-                  self.deadline, self.timeout)
+                  self.deadline, self.timeout, self.undo)
+
+
+class Requests:
+    """A request stream that can be sent more than once (to each of several servers): every
+    attempt iterates a fresh generator from make()."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
+        self._make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._make()
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """One RPC of an Op, with this attempt's timeout."""
+    """One RPC of an Op, with this attempt's timeout and, with several servers, the server
+    (its identity, gradserve.routing) it goes to; None: the client's only server."""
 
     op: Op[Any]
     timeout: float | None
+    server: str | None = None
+
+    @property
+    def request(self) -> Any:
+        """What to hand gRPC: the request message, or a fresh iterator of a request stream."""
+        request = self.op.request
+        return iter(request) if isinstance(request, Requests) else request
 
 
 # A call sequence written once for both clients: a generator that yields an Attempt to have one
@@ -89,13 +111,14 @@ class Attempt:
 Program = Generator[Attempt | float, Any, T]
 
 
-def call(op: Op[T], retries: int, timeout: float | None) -> Program[T]:
+def call(op: Op[T], retries: int, timeout: float | None, server: str | None = None
+         ) -> Program[T]:
     """op, attempted until it succeeds, fails for good, or the deadline `timeout` (seconds, over
     all attempts and waits) passes. Raises the last failure as a GradServeError."""
     attempts = _channel.Attempts(retries, timeout, op.retryable)
     while True:
         try:
-            reply = yield Attempt(op, attempts.timeout())
+            reply = yield Attempt(op, attempts.timeout(), server)
         except grpc.RpcError as exc:
             delay = attempts.delay(exc)
             if delay is None:
@@ -105,15 +128,67 @@ def call(op: Op[T], retries: int, timeout: float | None) -> Program[T]:
             return op.decode(reply)
 
 
-def poll(op: Op[T], ready: Callable[[T], bool], timeout: float, what: str, *, retries: int,
-         tolerate_errors: bool = False, interval: float = 0.1, call_timeout: float = 2.0
+def send(op: Op[T], retries: int, timeout: float | None, router: routing.Router | None
          ) -> Program[T]:
+    """op sent where it belongs: to the client's only server (router None), or with several
+    servers to the owner of its key or to every server, as gradserve.routing.ROUTES says."""
+    if router is None:
+        return call(op, retries, timeout)
+    route = routing.ROUTES[op.rpc]
+    if route.kind == routing.KEY:
+        return call(op, retries, timeout, router.owner(routing.key_of(route, op.request)))
+    return fan_out(op, route, router.servers, retries, timeout)
+
+
+def fan_out(op: Op[T], route: routing.Route, servers: Sequence[str], retries: int,
+            timeout: float | None) -> Program[T]:
+    """op sent to every server in turn, within one deadline; the replies merged (route.merge).
+
+    EVERY: each server must answer; the first failure is raised, after op.undo has been sent to
+    the servers that had answered. ANY (deletes): done where the thing exists; NOT_FOUND only if
+    no server has it; another failure is raised once every server was tried.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    raw = replace(op, decode=lambda reply: reply)
+    replies: list[tuple[str, Any]] = []
+    missing: list[str] = []
+    failed: list[GradServeError] = []
+    for server in servers:
+        try:
+            replies.append((server, (yield from call(raw, retries, left(), server))))
+        except GradServeError as exc:
+            if route.kind == routing.ANY and isinstance(exc, NotFoundError):
+                missing.append(exc.details.removeprefix(f"{server}: "))
+                continue
+            failed.append(exc)
+            if route.kind == routing.EVERY:
+                break
+    if failed and route.kind == routing.EVERY and op.undo is not None:
+        for server, reply in replies:
+            try:  # best effort: the failure below is what the caller must see
+                yield from call(op.undo(reply), retries, left(), server)
+            except GradServeError:
+                pass
+    if failed:
+        raise failed[0]
+    if not replies:
+        raise NotFoundError(f"{missing[0]} (on none of the {len(servers)} servers)")
+    return op.decode(route.merge([reply for _, reply in replies]))
+
+
+def poll(op: Op[T], ready: Callable[[T], bool], timeout: float, what: str, *, retries: int,
+         tolerate_errors: bool = False, interval: float = 0.1, call_timeout: float = 2.0,
+         router: routing.Router | None = None) -> Program[T]:
     """Call op until ready(result) or timeout seconds pass (TimeoutError naming `what`)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             left = max(0.1, min(call_timeout, deadline - time.monotonic()))
-            result = yield from call(op, retries, left)
+            result = yield from send(op, retries, left, router)
             if ready(result):
                 return result
         except GradServeError:
@@ -514,8 +589,14 @@ def upload(inputs: Any, target: Any, dataset_id: str, chunk_bytes: int,
         arrays.append(_array(target, "target"))
         dtype, arr = arrays[-1]
         header.target.CopyFrom(pb.TensorHeader(dtype=dtype, shape=arr.shape))
-    return Op("UploadDataset", _upload_requests(header, [a for _, a in arrays], chunk_bytes),
-              dataset_info, deadline=False, timeout=timeout)
+    tensors = [a for _, a in arrays]
+    return Op("UploadDataset", Requests(lambda: _upload_requests(header, tensors, chunk_bytes)),
+              dataset_info, deadline=False, timeout=timeout, undo=_undo_upload)
+
+
+def _undo_upload(info: pb.DatasetInfo) -> Op[None]:
+    return Op("DeleteDataset", pb.DeleteDatasetRequest(dataset_id=info.dataset_id),
+              lambda r: None)
 
 
 def _array(value: Any, what: str) -> tuple[pb.DType, np.ndarray]:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
-from . import _channel, _ops
+from . import _channel, _ops, routing
 from ._ops import Op, TrainCall
 from .client import DEFAULT_TIMEOUT, _RunState
 from .errors import from_rpc_error
@@ -95,7 +95,7 @@ def awaiting_model(build: Callable[P, Op[ModelInfo]]
                    ) -> Callable[Concatenate[Any, P], Awaitable[AsyncRemoteModel]]:
     """A client method that returns an awaitable of the model build's Op describes."""
     return method_from(
-        build, lambda self, op: self._run(op.then(self._remote)), bound=False)
+        build, lambda self, op: self._run(self._placed(op).then(self._remote)), bound=False)
 
 
 def async_train(build: Callable[Concatenate[Any, P], TrainCall]
@@ -116,7 +116,7 @@ def async_stream(build: Callable[Concatenate[Any, P], StreamCall]
                  ) -> Callable[Concatenate[Any, P], AsyncIterator[StreamStep]]:
     """A method that streams the builder's requests and yields each decoded reply."""
     return method_from(
-        build, lambda self, call: self._client._bidi("TrainStream", *call))
+        build, lambda self, call: self._client._bidi("TrainStream", self.id, *call))
 
 
 class AsyncRemoteModel(ModelCalls):
@@ -161,32 +161,47 @@ class AsyncRemoteModel(ModelCalls):
 
 
 class AsyncClient(ClientCalls[AsyncRemoteModel]):
-    """asyncio connection to a gradserve server; the same calls as Client, awaited.
+    """asyncio connection to a gradserve server, or to several; the same calls as Client,
+    awaited.
 
         async with AsyncClient("127.0.0.1:50051") as client:
             m = await client.create_model(layers=[...], loss="mse")
             out = await m.forward(X)
 
-    Options as for Client. Create it inside a running event loop (grpc.aio binds to it).
+    Options as for Client, several servers included. Create it inside a running event loop
+    (grpc.aio binds to it).
     """
 
     _model_type = AsyncRemoteModel
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
-                 tls: bool = False, root_certificates: bytes | str | None = None,
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051", *,
+                 token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | None = None,
                  client_cert: bytes | str | None = None, client_key: bytes | str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, retries: int = _channel.DEFAULT_RETRIES,
                  max_message_mb: int = 512) -> None:
         self.retries = _channel.check_retries(retries)
         creds = _channel.credentials(tls, root_certificates, client_cert, client_key)
         opts = _channel.options(max_message_mb)
-        self.address = address
-        self._channel = (grpc.aio.secure_channel(address, creds, opts) if creds
-                         else grpc.aio.insecure_channel(address, opts))
-        self._stub: Any = _channel.stub(self._channel)  # Forward/Backward framed by wire
-        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        found = routing.endpoints(address)
         self._metadata = _channel.metadata(token)
+        self._servers = {e.identity: self._connect(e.target, creds, opts) for e in found}
+        self._router = routing.Router(self._servers) if len(found) > 1 else None
+        self.servers: tuple[str, ...] = tuple(self._servers)
+        self.address = address if isinstance(address, str) else ",".join(self.servers)
+        # The first server: with one, every call uses these (as a client always did).
+        first = self._servers[found[0].identity]
+        self._channel, self._stub, self._health_stub = first.channel, first.stub, first.health
         self.timeout = timeout
+
+    @staticmethod
+    def _connect(target: str, creds: grpc.ChannelCredentials | None,
+                 opts: list[tuple[str, Any]]) -> _channel.Connection:
+        channel = (grpc.aio.secure_channel(target, creds, opts) if creds
+                   else grpc.aio.insecure_channel(target, opts))
+        # Forward/Backward framed by gradserve.wire
+        return _channel.Connection(channel, _channel.stub(channel),
+                                   health_pb2_grpc.HealthStub(channel))
 
     # ------------------------------------------------------------------ the calls
 
@@ -203,6 +218,12 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
     delete_checkpoint = awaiting(ClientCalls[AsyncRemoteModel]._delete_checkpoint)
     health = awaiting(ClientCalls[AsyncRemoteModel]._health)
 
+    async def health_by_server(self, service: str = "", timeout: float | None = None
+                          ) -> dict[str, str]:
+        """Each server's health: 'SERVING', 'NOT_SERVING', ..., or the error code (such as
+        'UNAVAILABLE') of a server that did not answer."""
+        return await self._drive(self._health_by_server(service, timeout))
+
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until the channel connects and health says SERVING (TimeoutError if not)."""
         await self._drive(self._wait_ready(timeout))
@@ -211,14 +232,19 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
 
     async def _run(self, op: Op[T]) -> T:
         """Send op (with retries, within its deadline) and return the decoded reply."""
-        return await self._drive(_ops.call(op, self.retries,
-                                           _channel.deadline(op, self.timeout)))
+        return await self._drive(_ops.send(op, self.retries, _channel.deadline(op, self.timeout),
+                                           self._router))
 
     async def _attempt(self, attempt: _ops.Attempt) -> Any:
         """One RPC; grpc.RpcError if it fails."""
         op = attempt.op
-        method = getattr(self._stub if op.service == _ops.GRADIENT else self._health_stub, op.rpc)
-        return await method(op.request, timeout=attempt.timeout, metadata=self._metadata)
+        if attempt.server is None:
+            stub, health = self._stub, self._health_stub
+        else:
+            server = self._servers[attempt.server]
+            stub, health = server.stub, server.health
+        method = getattr(stub if op.service == _ops.GRADIENT else health, op.rpc)
+        return await method(attempt.request, timeout=attempt.timeout, metadata=self._metadata)
 
     async def _drive(self, program: _ops.Program[T]) -> T:
         """Run a Program (see _ops) with awaited calls and sleeps."""
@@ -230,12 +256,18 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
             try:
                 steps.send(await self._attempt(item))
             except grpc.RpcError as exc:
-                steps.throw(exc)
+                steps.throw(exc if item.server is None else _channel.ServerError(exc, item.server))
         return steps.result
+
+    def _stub_for(self, key: str) -> Any:
+        """The stub of the server that owns key (the only one's, with one server)."""
+        return self._stub if self._router is None else self._servers[
+            self._router.owner(key)].stub
 
     def _train(self, call: TrainCall) -> AsyncTrainRun:
         progress = sys.stdout.isatty() if call.progress is None else call.progress
-        stream = self._stub.Train(call.op.request, timeout=call.timeout, metadata=self._metadata)
+        stream = self._stub_for(call.op.request.model_id).Train(
+            call.op.request, timeout=call.timeout, metadata=self._metadata)
         return AsyncTrainRun(stream, call.total, progress)
 
     @staticmethod
@@ -245,8 +277,9 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
             history.add(event)
         return history
 
-    async def _bidi(self, rpc: str, requests: Any, decode: Any) -> AsyncIterator[Any]:
-        call = getattr(self._stub, rpc)(requests, metadata=self._metadata)
+    async def _bidi(self, rpc: str, key: str, requests: Any, decode: Any
+                    ) -> AsyncIterator[Any]:
+        call = getattr(self._stub_for(key), rpc)(requests, metadata=self._metadata)
         try:
             async for reply in call:
                 yield decode(reply)
@@ -256,7 +289,8 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
             call.cancel()
 
     async def close(self) -> None:
-        await self._channel.close()
+        for server in self._servers.values():
+            await server.channel.close()
 
     async def __aenter__(self) -> Self:
         return self

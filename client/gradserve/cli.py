@@ -5,6 +5,8 @@
     gradserve train m1 --data train.npz --epochs 5 --batch-size 32 --shuffle
     gradserve params export m1 weights.safetensors
     gradserve --json models list
+    gradserve --address gs-0:50051,gs-1:50051,gs-2:50051 models list     # several servers
+    gradserve --address dns:///gradserve-headless:50051 rebalance --dry-run
 
 Tables for people, --json for scripts. Exit codes: 0 ok, 1 the call failed ("error: CODE:
 message" on stderr), 2 usage or unreadable input, 130 interrupted.
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import json_format
 
-from . import codec, io
+from . import codec, io, rebalance
 from .client import DEFAULT_TIMEOUT, Client
 from .errors import GradServeError
 from .model import RemoteModel
@@ -128,10 +130,19 @@ def _json_arg(value: str, what: str) -> Any:
 
 
 def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> int:
-    status = client.health(args.service)
-    out.emit({"address": client.address, "service": args.service, "status": status}, status)
-    if status != "SERVING":
-        print(f"error: {client.address} is {status}", file=sys.stderr)
+    if len(client.servers) == 1:
+        status = client.health(args.service)
+        out.emit({"address": client.address, "service": args.service, "status": status}, status)
+        if status != "SERVING":
+            print(f"error: {client.address} is {status}", file=sys.stderr)
+            return 1
+        return 0
+    statuses = client.health_by_server(args.service)
+    out.emit([{"address": s, "service": args.service, "status": v} for s, v in statuses.items()],
+             lambda: table(["server", "status"], list(statuses.items())))
+    bad = [f"{s} is {v}" for s, v in statuses.items() if v != "SERVING"]
+    if bad:
+        print(f"error: {'; '.join(bad)}", file=sys.stderr)
         return 1
     return 0
 
@@ -371,6 +382,37 @@ def cmd_datasets_delete(client: Client, args: argparse.Namespace, out: Output) -
     return 0
 
 
+def _move_rows(moves: Sequence[rebalance.Move]) -> str:
+    return table(["model", "from", "to", "status", "note"],
+                 [[m.model_id, m.source, m.target, m.status, m.note or None] for m in moves])
+
+
+def cmd_rebalance(client: Client, args: argparse.Namespace, out: Output) -> int:
+    with rebalance.Rebalancer(list(client.servers), args.drain, **_client_options(args)) as rb:
+        plan = rb.plan()
+        if not args.dry_run:
+            rb.run(plan, report=None if out.json else lambda m: print(
+                f"{m.model_id}: {m.status}{f' ({m.note})' if m.note else ''}", file=sys.stderr,
+                flush=True))
+
+    def text() -> str:
+        done = "would move" if args.dry_run else "to move"
+        lines = [_move_rows(plan.moves)] if plan.moves else []
+        lines.append(f"{len(plan.moves)} model(s) {done}, {plan.staying} already on their "
+                     f"server, over {len(plan.servers)} server(s)"
+                     + (" (dry run: nothing was changed)" if args.dry_run else ""))
+        return "\n".join([*lines, *(f"note: {n}" for n in plan.notes)])
+
+    out.emit({"dry_run": args.dry_run, "servers": list(plan.servers),
+              "drain": list(plan.drain), "moves": plan.moves, "staying": plan.staying,
+              "notes": plan.notes}, text)
+    if not args.dry_run and not plan.ok:
+        print("error: some models were not moved (see their status); run the rebalance again",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 # ------------------------------------------------------------------------------------ parser
 
 
@@ -383,10 +425,11 @@ def _global_options(parser: argparse.ArgumentParser, environ: Mapping[str, str],
         return argparse.SUPPRESS if suppress else value
 
     g = parser.add_argument_group("connection and output")
+    servers = ("server host:port; several, comma-separated, or dns:///NAME:PORT for every "
+               "address of a name (env GRADSERVE_ADDRESS")
     g.add_argument("--address", default=default(environ.get("GRADSERVE_ADDRESS",
                                                             DEFAULT_ADDRESS)),
-                   help="server host:port (env GRADSERVE_ADDRESS; default %(default)s)"
-                   if not suppress else "server host:port (env GRADSERVE_ADDRESS)")
+                   help=f"{servers}; default %(default)s)" if not suppress else f"{servers})")
     g.add_argument("--token", default=default(environ.get("GRADSERVE_TOKEN")),
                    help="bearer token (env GRADSERVE_TOKEN)")
     g.add_argument("--tls", action="store_true", default=default(False),
@@ -472,6 +515,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     p = leaf(ckpt, "delete", cmd_checkpoint_delete, "delete checkpoints from the state dir")
     p.add_argument("names", nargs="+", metavar="name", help="checkpoint name(s)")
 
+    p = leaf(commands, "rebalance", cmd_rebalance,
+             "move every model that is not on the server owning its id (after servers were "
+             "added or removed: docs/scaling.md); --address names the servers from now on")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument("--drain", nargs="+", default=[], metavar="ADDRESS",
+                   help="servers being removed: move all their models to the others")
+
     datasets = branch("datasets", "list or delete uploaded datasets")
     leaf(datasets, "list", cmd_datasets_list, "list datasets")
     p = leaf(datasets, "delete", cmd_datasets_delete, "delete datasets")
@@ -524,6 +574,19 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                      help="never draw the progress bar")
 
 
+def servers(address: str) -> str | list[str]:
+    """--address: one server, or several separated by commas."""
+    if "," not in address:
+        return address
+    return [s.strip() for s in address.split(",") if s.strip()]
+
+
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"token": args.token, "tls": args.tls, "root_certificates": args.root_certificates,
+            "client_cert": args.client_cert, "client_key": args.client_key,
+            "timeout": args.timeout}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gradserve` command; returns the exit status."""
     parser = build_parser()
@@ -533,9 +596,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     out = Output(args.json)
     try:
-        client = Client(args.address, token=args.token, tls=args.tls,
-                        root_certificates=args.root_certificates, client_cert=args.client_cert,
-                        client_key=args.client_key, timeout=args.timeout)
+        client = Client(servers(args.address), **_client_options(args))
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

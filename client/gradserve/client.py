@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from . import _channel, _ops, shm
+from . import _channel, _ops, routing, shm
 from ._ops import Op, TrainCall
 from .errors import from_rpc_error
 from .history import History
@@ -98,12 +98,16 @@ def _advance(bar: Any, event: TrainEvent) -> None:
 
 
 class Client(ClientCalls[RemoteModel]):
-    """Connection to a gradserve server.
+    """Connection to a gradserve server, or to several.
 
         with Client("127.0.0.1:50051") as client:
             m = client.create_model(layers=[...], loss="mse", optimizer={"type": "sgd", "lr": 0.1})
 
-    token: bearer token; tls / root_certificates / client_cert / client_key: TLS and mutual TLS
+    address: one server ("host:port", or any gRPC target); or several: a list of "host:port",
+    or "dns:///host:port" for every address of a name (a Kubernetes headless Service). With
+    several, each call for a model goes to the server that owns its id (gradserve.routing),
+    the List calls merge every server's answer, and datasets are uploaded to every server
+    (docs/sdk.md, "Several servers"). token: bearer token; tls / root_certificates / client_cert / client_key: TLS and mutual TLS
     (PEM bytes or file paths). timeout: the default deadline of a call in seconds, over all its
     attempts and the waits between them (Train runs have none unless given). retries: further
     attempts after UNAVAILABLE for calls safe to repeat (the methods service_config.json names;
@@ -116,28 +120,42 @@ class Client(ClientCalls[RemoteModel]):
 
     _model_type = RemoteModel
 
-    def __init__(self, address: str = "127.0.0.1:50051", *, token: str | None = None,
-                 tls: bool = False, root_certificates: bytes | str | None = None,
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051", *,
+                 token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | str | None = None,
                  client_cert: bytes | str | None = None, client_key: bytes | str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, retries: int = _channel.DEFAULT_RETRIES,
                  max_message_mb: int = 512, shared_memory: bool | None = None) -> None:
         self.retries = _channel.check_retries(retries)
         creds = _channel.credentials(tls, root_certificates, client_cert, client_key)
         opts = _channel.options(max_message_mb)
-        self.address = address
-        self._channel = (grpc.secure_channel(address, creds, opts) if creds
-                         else grpc.insecure_channel(address, opts))
-        self._stub: Any = _channel.stub(self._channel)
-        self._health_stub = health_pb2_grpc.HealthStub(self._channel)
+        found = routing.endpoints(address)
         self._metadata = _channel.metadata(token)
-        # Same-host fast path (gradserve.shm): tried by default on loopback addresses.
-        self._shm: shm.SharedMemory | None = None
-        if shared_memory or (shared_memory is None and shm.same_host(address)
-                             and shm.available()):
-            self._shm = shm.SharedMemory(self._stub.RegisterSharedMemory,
-                                         self._stub.UnregisterSharedMemory, self._metadata)
-            self._stub = shm.Stub(self._stub, self._shm)
+        self._servers = {e.identity: self._connect(e.target, creds, opts, shared_memory)
+                         for e in found}
+        self._router = routing.Router(self._servers) if len(found) > 1 else None
+        self.servers: tuple[str, ...] = tuple(self._servers)
+        self.address = address if isinstance(address, str) else ",".join(self.servers)
+        # The first server: with one, every call uses these (as a client always did).
+        first = self._servers[found[0].identity]
+        self._channel, self._stub, self._health_stub = first.channel, first.stub, first.health
+        self._shm: shm.SharedMemory | None = first.shm
         self.timeout = timeout
+
+    def _connect(self, target: str, creds: grpc.ChannelCredentials | None,
+                 opts: list[tuple[str, Any]], shared_memory: bool | None
+                 ) -> _channel.Connection:
+        channel = (grpc.secure_channel(target, creds, opts) if creds
+                   else grpc.insecure_channel(target, opts))
+        stub: Any = _channel.stub(channel)
+        # Same-host fast path (gradserve.shm): tried by default on loopback addresses.
+        fast: shm.SharedMemory | None = None
+        if shared_memory or (shared_memory is None and shm.same_host(target)
+                             and shm.available()):
+            fast = shm.SharedMemory(stub.RegisterSharedMemory, stub.UnregisterSharedMemory,
+                                    self._metadata)
+            stub = shm.Stub(stub, fast)
+        return _channel.Connection(channel, stub, health_pb2_grpc.HealthStub(channel), fast)
 
     # ------------------------------------------------------------------ the calls
 
@@ -154,6 +172,12 @@ class Client(ClientCalls[RemoteModel]):
     delete_checkpoint = blocking(ClientCalls[RemoteModel]._delete_checkpoint)
     health = blocking(ClientCalls[RemoteModel]._health)
 
+    def health_by_server(self, service: str = "", timeout: float | None = None
+                         ) -> dict[str, str]:
+        """Each server's health: 'SERVING', 'NOT_SERVING', ..., or the error code (such as
+        'UNAVAILABLE') of a server that did not answer."""
+        return self._drive(self._health_by_server(service, timeout))
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until the channel connects and health says SERVING (TimeoutError if not)."""
         self._drive(self._wait_ready(timeout))
@@ -162,13 +186,19 @@ class Client(ClientCalls[RemoteModel]):
 
     def _run(self, op: Op[T]) -> T:
         """Send op (with retries, within its deadline) and return the decoded reply."""
-        return self._drive(_ops.call(op, self.retries, _channel.deadline(op, self.timeout)))
+        return self._drive(_ops.send(op, self.retries, _channel.deadline(op, self.timeout),
+                                     self._router))
 
     def _attempt(self, attempt: _ops.Attempt) -> Any:
         """One RPC; grpc.RpcError if it fails."""
         op = attempt.op
-        method = getattr(self._stub if op.service == _ops.GRADIENT else self._health_stub, op.rpc)
-        return method(op.request, timeout=attempt.timeout, metadata=self._metadata)
+        if attempt.server is None:
+            stub, health = self._stub, self._health_stub
+        else:
+            server = self._servers[attempt.server]
+            stub, health = server.stub, server.health
+        method = getattr(stub if op.service == _ops.GRADIENT else health, op.rpc)
+        return method(attempt.request, timeout=attempt.timeout, metadata=self._metadata)
 
     def _drive(self, program: _ops.Program[T]) -> T:
         """Run a Program (see _ops) with blocking calls and sleeps."""
@@ -180,12 +210,18 @@ class Client(ClientCalls[RemoteModel]):
             try:
                 steps.send(self._attempt(item))
             except grpc.RpcError as exc:
-                steps.throw(exc)
+                steps.throw(exc if item.server is None else _channel.ServerError(exc, item.server))
         return steps.result
+
+    def _stub_for(self, key: str) -> Any:
+        """The stub of the server that owns key (the only one's, with one server)."""
+        return self._stub if self._router is None else self._servers[
+            self._router.owner(key)].stub
 
     def _train(self, call: TrainCall) -> TrainRun:
         progress = sys.stdout.isatty() if call.progress is None else call.progress
-        stream = self._stub.Train(call.op.request, timeout=call.timeout, metadata=self._metadata)
+        stream = self._stub_for(call.op.request.model_id).Train(
+            call.op.request, timeout=call.timeout, metadata=self._metadata)
         return TrainRun(stream, call.total, progress)
 
     @staticmethod
@@ -195,8 +231,8 @@ class Client(ClientCalls[RemoteModel]):
             history.add(event)
         return history
 
-    def _bidi(self, rpc: str, requests: Iterator[Any], decode: Any) -> Iterator[Any]:
-        call = getattr(self._stub, rpc)(requests, metadata=self._metadata)
+    def _bidi(self, rpc: str, key: str, requests: Iterator[Any], decode: Any) -> Iterator[Any]:
+        call = getattr(self._stub_for(key), rpc)(requests, metadata=self._metadata)
         try:
             for reply in call:
                 yield decode(reply)
@@ -206,9 +242,10 @@ class Client(ClientCalls[RemoteModel]):
             call.cancel()
 
     def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-        self._channel.close()
+        for server in self._servers.values():
+            if server.shm is not None:
+                server.shm.close()
+            server.channel.close()
 
     def __enter__(self) -> Self:
         return self

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec,
 
 from grpc_health.v1 import health_pb2
 
-from . import _ops
+from . import _ops, routing
 from ._ops import Op, TrainCall
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
+from .errors import GradServeError
 from .results import (
     BackwardResult,
     CheckpointInfo,
@@ -76,7 +77,7 @@ def blocking_model(build: Callable[P, Op[ModelInfo]]
                    ) -> Callable[Concatenate[Any, P], RemoteModel]:
     """A client method that sends build's Op and returns the model it describes."""
     return method_from(
-        build, lambda self, op: self._run(op.then(self._remote)), bound=False)
+        build, lambda self, op: self._run(self._placed(op).then(self._remote)), bound=False)
 
 
 def blocking_train(build: Callable[Concatenate[Any, P], TrainCall]
@@ -97,7 +98,7 @@ def blocking_stream(build: Callable[Concatenate[Any, P], StreamCall]
                     ) -> Callable[Concatenate[Any, P], Iterator[StreamStep]]:
     """A method that streams the builder's requests and yields each decoded reply."""
     return method_from(
-        build, lambda self, call: self._client._bidi("TrainStream", *call))
+        build, lambda self, call: self._client._bidi("TrainStream", self.id, *call))
 
 
 FIT_DOC = "train() collected into a History (history.plot() draws the loss curve)."
@@ -135,7 +136,8 @@ class ModelCalls:
 
     def _wait_idle(self, timeout: float) -> _ops.Program[ModelInfo]:
         return _ops.poll(self._refresh(), lambda info: not info.training, timeout,
-                         f"model {self.id!r} still training", retries=self._client.retries)
+                         f"model {self.id!r} still training", retries=self._client.retries,
+                         router=self._client._router)
 
     def _forward(self, inputs: Sequence[Any], retain_graph: bool, eval_mode: bool
                  ) -> Op[Tensor | ForwardResult]:
@@ -216,10 +218,24 @@ class ClientCalls(Generic[M]):
 
     timeout: float
     retries: int
+    servers: tuple[str, ...]
     _model_type: Callable[[Any, ModelInfo], M]
+    _router: routing.Router | None  # None: one server
 
     def _remote(self, info: ModelInfo) -> M:
         return self._model_type(self, info)
+
+    def _placed(self, op: Op[ModelInfo]) -> Op[ModelInfo]:
+        """CreateModel without an id, with several servers: the client picks the id (as the
+        server would) so that the call goes to the server that will own it."""
+        if self._router is not None and not op.request.model_id:
+            op.request.model_id = routing.new_id("model")
+        return op
+
+    def server_of(self, model_id: str) -> str:
+        """The server that owns model_id (where a model of that id is created and looked for):
+        its identity in `servers`. With one server, that server."""
+        return self.servers[0] if self._router is None else self._router.owner(model_id)
 
     # ------------------------------------------------------------------ models
 
@@ -229,7 +245,7 @@ class ClientCalls(Generic[M]):
             self._remote)
 
     def _list_models(self) -> Op[list[M]]:
-        """Every model on the server."""
+        """Every model on the server (on every server, sorted by id)."""
         return Op("ListModels", pb.ListModelsRequest(),
                   lambda r: [self._remote(model_info(x)) for x in r.models])
 
@@ -242,7 +258,10 @@ class ClientCalls(Generic[M]):
     def _upload_dataset(self, inputs: Any, target: Any = None, *, dataset_id: str = "",
                         chunk_bytes: int = 4 * 1024 * 1024, timeout: float | None = None
                         ) -> Op[DatasetInfo]:
-        """Stream a dataset to the server once; train on it with dataset=info.dataset_id."""
+        """Stream a dataset to the server once; train on it with dataset=info.dataset_id.
+        With several servers it is uploaded to each (any model can train on it), under one id."""
+        if self._router is not None and not dataset_id:
+            dataset_id = routing.new_id("dataset")
         return _ops.upload(inputs, target, dataset_id, chunk_bytes, timeout)
 
     def _list_datasets(self) -> Op[list[DatasetInfo]]:
@@ -279,16 +298,29 @@ class ClientCalls(Generic[M]):
     # ------------------------------------------------------------------ health
 
     def _health(self, service: str = "", timeout: float | None = None) -> Op[str]:
-        """'SERVING', 'NOT_SERVING', ... from the standard gRPC health service."""
+        """'SERVING', 'NOT_SERVING', ... from the standard gRPC health service (with several
+        servers: SERVING if every one is, else the first other status)."""
         return Op("Check", health_pb2.HealthCheckRequest(service=service),
                   lambda r: health_pb2.HealthCheckResponse.ServingStatus.Name(r.status),
                   service=_ops.HEALTH, timeout=timeout)
+
+    def _health_by_server(self, service: str, timeout: float | None
+                          ) -> _ops.Program[dict[str, str]]:
+        statuses: dict[str, str] = {}
+        for server in self.servers:
+            try:
+                statuses[server] = yield from _ops.call(
+                    self._health(service), self.retries, timeout or self.timeout,
+                    None if self._router is None else server)
+            except GradServeError as exc:
+                statuses[server] = exc.code.name
+        return statuses
 
     def _wait_ready(self, timeout: float) -> _ops.Program[None]:
         address = getattr(self, "address", "the server")
         return _ops.returning(None, _ops.poll(
             self._health(), lambda s: s == "SERVING", timeout, f"{address} not SERVING",
-            retries=self.retries, tolerate_errors=True))
+            retries=self.retries, tolerate_errors=True, router=self._router))
 
 
 # ------------------------------------------------------------------ the sync model
