@@ -58,6 +58,10 @@ def sync_calls(client: Client, x: torch.Tensor, y: np.ndarray) -> None:
     assert_type(client.list_datasets(), list[DatasetInfo])
     assert_type(client.health(), str)
     assert_type(client.wait_ready(), None)
+    several = Client(["10.0.0.1:50051", "10.0.0.2:50051"])
+    assert_type(several.servers, tuple[str, ...])
+    assert_type(several.server_of("m"), str)
+    assert_type(several.health_by_server(), dict[str, str])
 
 
 async def async_calls(client: AsyncClient, x: torch.Tensor, y: np.ndarray) -> None:
@@ -80,6 +84,8 @@ async def async_calls(client: AsyncClient, x: torch.Tensor, y: np.ndarray) -> No
     assert_type(await client.list_models(), list[AsyncRemoteModel])
     assert_type(await client.upload_dataset(y), DatasetInfo)
     assert_type(await client.health(), str)
+    assert_type(await client.health_by_server(), dict[str, str])
+    assert_type(client.server_of("m"), str)
 
 
 def wrong_calls(client: Client, m: RemoteModel, x: torch.Tensor) -> None:
@@ -88,3 +94,4 @@ def wrong_calls(client: Client, m: RemoteModel, x: torch.Tensor) -> None:
     client.create_model(layer=LINEAR)  # E: call-arg
     client.create_model(layers=LINEAR, seed="0")  # E: arg-type
     m.train(x, x, epochs=1.5)  # E: arg-type
+    Client(("a:1", 2))  # E: arg-type
