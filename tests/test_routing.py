@@ -202,9 +202,13 @@ def test_a_dns_name_stands_for_every_address_named_by_its_reverse_name() -> None
 
 
 def test_a_dns_name_with_one_address_is_one_server_as_before() -> None:
-    resolve, reverse = _fake_dns({"single": ["10.0.0.5"]}, {})
+    resolve, reverse = _fake_dns({"single": ["10.0.0.5"], "pod.svc": ["10.0.0.5"]},
+                                 {"10.0.0.5": "pod.svc"})
     (only,) = routing.endpoints("dns:///single:50051", resolve=resolve, reverse=reverse)
     assert only.target == "dns:///single:50051" and only.identity == "10.0.0.5:50051"
+    # among other servers, it is named like any address of a DNS name
+    found = routing.endpoints(["dns:///single:50051", "b:1"], resolve=resolve, reverse=reverse)
+    assert [e.identity for e in found] == ["b:1", "pod.svc:50051"]
 
 
 def test_an_unresolvable_dns_name_is_a_clear_error() -> None:
@@ -596,7 +600,9 @@ def test_rebalance_from_3_to_4_servers_moves_exactly_the_models_whose_owner_chan
 
     # the move
     assert main(["--address", address, "rebalance"]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr()
+    assert f"{len(expected)} of {len(expected)} model(s) moved" in out.out
+    assert out.err.count(": moved") == len(expected)  # progress, one line per model
     for s, address_ in zip(servers, addrs):
         assert held(s) == {i for i in before if routing.owner(i, addrs) == address_}
     with Client(addrs[::-1], timeout=30) as client:

@@ -388,7 +388,8 @@ def _move_rows(moves: Sequence[rebalance.Move]) -> str:
 
 
 def cmd_rebalance(client: Client, args: argparse.Namespace, out: Output) -> int:
-    with rebalance.Rebalancer(list(client.servers), args.drain, **_client_options(args)) as rb:
+    drain = [s for value in args.drain for s in servers_of(value)]
+    with rebalance.Rebalancer(list(client.servers), drain, **_client_options(args)) as rb:
         plan = rb.plan()
         if not args.dry_run:
             rb.run(plan, report=None if out.json else lambda m: print(
@@ -396,10 +397,12 @@ def cmd_rebalance(client: Client, args: argparse.Namespace, out: Output) -> int:
                 flush=True))
 
     def text() -> str:
-        done = "would move" if args.dry_run else "to move"
+        moved = sum(m.status == rebalance.MOVED for m in plan.moves)
+        done = (f"{len(plan.moves)} model(s) would move" if args.dry_run
+                else f"{moved} of {len(plan.moves)} model(s) moved")
         lines = [_move_rows(plan.moves)] if plan.moves else []
-        lines.append(f"{len(plan.moves)} model(s) {done}, {plan.staying} already on their "
-                     f"server, over {len(plan.servers)} server(s)"
+        lines.append(f"{done}, {plan.staying} already on their server, over "
+                     f"{len(plan.servers)} server(s)"
                      + (" (dry run: nothing was changed)" if args.dry_run else ""))
         return "\n".join([*lines, *(f"note: {n}" for n in plan.notes)])
 
@@ -575,10 +578,12 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 
 def servers(address: str) -> str | list[str]:
-    """--address: one server, or several separated by commas."""
-    if "," not in address:
-        return address
-    return [s.strip() for s in address.split(",") if s.strip()]
+    """--address: one server (kept as given), or several separated by commas."""
+    return address if "," not in address else servers_of(address)
+
+
+def servers_of(value: str) -> list[str]:
+    return [s.strip() for s in value.split(",") if s.strip()]
 
 
 def _client_options(args: argparse.Namespace) -> dict[str, Any]:

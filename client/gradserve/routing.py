@@ -232,8 +232,9 @@ def endpoints(address: str | Sequence[str], *, resolve: Resolve = socket.getaddr
     if isinstance(address, str):
         if not address.startswith(DNS_SCHEME):
             return [Endpoint(address, address)]
-        found = resolve_dns(address, resolve=resolve, reverse=reverse)
-        # One address: connect to the name itself, as gRPC always did (it re-resolves).
+        found = resolve_dns(address, resolve=resolve, reverse=reverse, alone=True)
+        # One server (one address, or several with one name): connect to the name given, as
+        # gRPC always did.
         return found if len(found) > 1 else [Endpoint(found[0].identity, address)]
     if not address:
         raise ValueError("servers: the list is empty")
@@ -252,9 +253,10 @@ def endpoints(address: str | Sequence[str], *, resolve: Resolve = socket.getaddr
 
 
 def resolve_dns(target: str, *, resolve: Resolve = socket.getaddrinfo,
-                reverse: Reverse = socket.getnameinfo) -> list[Endpoint]:
+                reverse: Reverse = socket.getnameinfo, alone: bool = False) -> list[Endpoint]:
     """Every server behind `dns:///host:port`: the name's A and AAAA records, each named by its
     reverse (PTR) name when that name resolves back to it, else by the address itself.
+    alone: the client's only address argument; a single address is then kept as `target`.
 
     Pods of a Kubernetes StatefulSet behind a headless Service have such names
     (gradserve-0.gradserve-headless.<namespace>.svc.cluster.local), which outlive their IP
@@ -273,6 +275,11 @@ def resolve_dns(target: str, *, resolve: Resolve = socket.getaddrinfo,
         sockaddrs.setdefault(str(info[4][0]), info[4])
     if not sockaddrs:
         raise ValueError(f"servers: {target!r} resolves to no address")
+    if alone and len(sockaddrs) == 1:
+        # The only server: nothing to route, so no name to look up; connect to the name given,
+        # as gRPC always did (it resolves it again when it reconnects).
+        (ip,) = sockaddrs
+        return [Endpoint(normalize(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"), target)]
 
     def name_of(ip: str) -> str:
         address = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
