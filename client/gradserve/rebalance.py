@@ -122,7 +122,10 @@ class Rebalancer:
             for ckpt in client.list_checkpoints():
                 if ckpt.name == ckpt.model_id:
                     continue  # a model's own checkpoint moves (or goes) with the model
-                if self.router.owner(ckpt.model_id) != server:
+                if server in self.drain:
+                    notes.append(f"checkpoint {ckpt.name!r} (model {ckpt.model_id!r}) is not "
+                                 f"moved: it stays in the state dir of {server}, being drained")
+                elif self.router.owner(ckpt.model_id) != server:
                     notes.append(f"checkpoint {ckpt.name!r} (model {ckpt.model_id!r}) stays on "
                                  f"{server}; load it there with --address {server}")
         return notes

@@ -39,9 +39,9 @@ _CACHE = 65536  # owners remembered per client; cleared when full (recomputing i
 def normalize(address: str) -> str:
     """The identity of a server address: `host:port`, lower-case, without a trailing dot, an IPv6
     address compressed (RFC 5952) in brackets, the port in decimal. ValueError if malformed."""
-    text = address.strip()
-    if not text.isascii():
+    if not address.isascii():
         raise ValueError(f"server {address!r}: not ASCII (write an IDN host in punycode)")
+    text = address.strip(" \t\n\r\f\v")
     if text.startswith("["):
         host, sep, port = text[1:].partition("]:")
         if not sep:

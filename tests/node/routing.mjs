@@ -19,8 +19,8 @@ const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]
 
 /** A server address -> its identity: host:port, lower-case, IPv6 compressed in brackets. */
 export function normalize(address) {
-  const text = address.trim();
-  if (!/^[\x00-\x7f]*$/.test(text)) throw new Error(`server ${address}: not ASCII`);
+  if (!/^[\x00-\x7f]*$/.test(address)) throw new Error(`server ${address}: not ASCII`);
+  const text = address.trim(); // ASCII: space, \t \n \v \f \r, as the docs say
   let host;
   let port;
   if (text.startsWith("[")) {
