@@ -15,13 +15,6 @@ from .settings import Settings
 log = logging.getLogger("gradserve")
 
 
-def tune_malloc() -> None:
-    """Keep big tensor buffers out of fresh mmaps: page faults dominate 16-64 MiB messages here."""
-    from gradserve import tuning
-
-    tuning.tune_malloc()
-
-
 def quiet_openmp() -> None:
     """Idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY is set already).
 
@@ -32,14 +25,28 @@ def quiet_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def refuse(exc: Exception) -> int:
+    """One line on stderr, exit status 1: the server cannot start as configured."""
+    print(f"gradserve-server: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_openmp()
     from .app import build_server  # imports torch: after quiet_openmp
+    from .core.errors import StartupError
 
     settings = Settings.load(argv)
     logs.configure(settings.log_level, settings.log_format)
-    tune_malloc()
-    server, _port = build_server(settings)
+    try:
+        server, _port = build_server(settings)
+    except StartupError as exc:
+        return refuse(exc)
+    try:
+        server.start()
+    except StartupError as exc:
+        server.stop()
+        return refuse(exc)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -48,7 +55,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
     while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
         pass
     server.drain()

@@ -30,7 +30,8 @@ class Settings:
     metrics_port: int = _opt(9464, "Prometheus /metrics port (0 picks a free one, -1 disables)")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto: cuda when available)")
     max_message_mb: int = _opt(512, "largest gRPC message in MiB, both directions")
-    threads: int = _opt(16, "worker threads for RPCs (concurrent calls)")
+    threads: int = _opt(16, "threads that run model work (Forward, Backward, Step, ...) on the "
+                        "device; calls waiting on their client hold none")
     torch_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     log_level: str = _opt("info", "debug, info, warning or error",
                           choices=("debug", "info", "warning", "error"))
@@ -48,8 +49,23 @@ class Settings:
     max_shm_mb: int = _opt(4096, "MiB of same-host shared memory clients may register at once "
                            "(0 disables the shared-memory fast path)")
     shm_ttl_s: float = _opt(300.0, "seconds an unused shared-memory region stays registered")
+    max_shm_regions: int = _opt(256, "shared-memory regions registered at once, all callers")
+    max_shm_regions_per_connection: int = _opt(
+        32, "shared-memory regions one caller (connection and credential) may hold at once")
     step_buckets: str = _opt(",".join(str(b) for b in DEFAULT_BUCKETS),
                              "step latency histogram buckets in seconds, comma-separated")
+    # transport
+    stream_idle_seconds: float = _opt(
+        120.0, "a stream that waits this long for its client (no message in, or no reply read) "
+        "ends with DEADLINE_EXCEEDED; 0: never")
+    max_concurrent_rpcs: int = _opt(
+        10000, "open RPCs of every kind together; beyond it new calls get RESOURCE_EXHAUSTED")
+    max_streams_per_connection: int = _opt(
+        1000, "concurrent RPCs on one client connection (HTTP/2 max concurrent streams); "
+        "the client queues the rest")
+    inline_us: int = _opt(
+        500, "a call whose identical predecessor (method, model, shapes) took less than this "
+        "many microseconds runs on the event loop instead of a thread; 0: never")
     # durability
     state_dir: str = _opt("", "directory for checkpoints; models are restored from it at start")
     autosave_steps: int = _opt(0, "during Train, checkpoint every N steps (0: off)")
@@ -101,6 +117,12 @@ class Settings:
             parser.error("ports must be within 0-65535")
         if self.max_message_mb < 1 or self.threads < 1:
             parser.error("--max-message-mb and --threads must be >= 1")
+        if self.stream_idle_seconds < 0 or self.inline_us < 0:
+            parser.error("--stream-idle-seconds and --inline-us must be >= 0")
+        if (self.max_concurrent_rpcs < 1 or self.max_streams_per_connection < 1
+                or self.max_shm_regions < 1 or self.max_shm_regions_per_connection < 1):
+            parser.error("--max-concurrent-rpcs, --max-streams-per-connection, "
+                         "--max-shm-regions and --max-shm-regions-per-connection must be >= 1")
         if bool(self.tls_cert) != bool(self.tls_key):
             parser.error("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

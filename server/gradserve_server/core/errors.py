@@ -29,3 +29,7 @@ class FailedPrecondition(GradServeFault):
 
 class Aborted(GradServeFault):
     """The operation was stopped (server shutting down) and may be retried."""
+
+
+class StartupError(Exception):
+    """The server cannot start (bad flag, unusable file, port taken); the message says why."""

@@ -114,8 +114,11 @@ class Core:
                 restored += 1
         return restored
 
-    def checkpoint_all(self) -> int:
-        """At shutdown: checkpoint every model (after Train loops stopped)."""
+    def checkpoint_all(self, deadline: float | None = None) -> int:
+        """At shutdown: checkpoint every model (after Train loops stopped).
+
+        deadline: time.monotonic() by which saving must end (the drain's remaining grace).
+        """
         if self.checkpoints.dir is None:
             return 0
         saved = 0

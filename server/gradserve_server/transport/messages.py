@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from google.protobuf import json_format, struct_pb2
-
 from gradserve import _wire, codec
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
