@@ -17,6 +17,7 @@ from .metrics import Metrics
 from .settings import Settings
 from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
 from .transport.lanes import Lanes
+from .transport.memory import Trimmer
 from .transport.rpc import GradientService
 from .transport.server import AioServer
 from .transport.shm import SharedMemoryRegistry
@@ -110,6 +111,8 @@ class GradServer:
                            settings.inline_us)
         self.watch = StreamWatch(settings.stream_idle_seconds)
         observability = ObservabilityInterceptor(self.metrics)
+        self._observability = observability
+        self.trimmer = Trimmer(self.lanes.control.submit)
         interceptors: list[grpc.aio.ServerInterceptor] = [observability]
         if settings.auth_token_file:
             interceptors.append(AuthInterceptor(load_tokens(settings.auth_token_file)))
@@ -120,6 +123,11 @@ class GradServer:
             ("grpc.max_receive_message_length", size),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            # calls that arrived and wait for the event loop to pick them up: gRPC's default
+            # (1000, 3000 hard) cancels some of a burst of new streams that the loop would
+            # accept a moment later; max_concurrent_rpcs bounds them instead
+            ("grpc.server_max_pending_requests", settings.max_concurrent_rpcs),
+            ("grpc.server_max_pending_requests_hard_limit", 2 * settings.max_concurrent_rpcs),
             # accept the SDK's 30 s keepalive pings; the default (5 min) would make the server
             # drop quiet long calls (a Train between events) as "too many pings"
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -157,8 +165,10 @@ class GradServer:
         return HealthControl(self.transport)
 
     def _housekeeping(self) -> None:
+        """Every second on the event loop: expire idle regions, give memory back when quiet."""
         if self.shm is not None and len(self.shm):
             self.shm.expire()
+        self.trimmer.tick(self._observability.started)
 
     @property
     def metrics_host(self) -> str:

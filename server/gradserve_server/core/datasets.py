@@ -183,28 +183,33 @@ class Upload:
         view = self._buf.numpy()
         data = np.frombuffer(chunk, dtype=np.uint8)
         layouts = self.layouts
-        while data.size:
-            if self._index >= len(layouts):
-                raise InvalidArgument(f"chunk: more bytes than the header declares "
-                                      f"({self.expected})")
-            room = layouts[self._index].nbytes - self._in_tensor
-            take = min(room, data.size)
-            start = self.offsets[self._index] + self._in_tensor
-            view[start:start + take] = data[:take]
-            data = data[take:]
-            self._in_tensor += take
-            self.written += take
-            if self._in_tensor == layouts[self._index].nbytes:
-                self._index, self._in_tensor = self._index + 1, 0
-                self._skip_empty()
+        try:
+            while data.size:
+                if self._index >= len(layouts):
+                    raise InvalidArgument(f"chunk: more bytes than the header declares "
+                                          f"({self.expected})")
+                room = layouts[self._index].nbytes - self._in_tensor
+                take = min(room, data.size)
+                start = self.offsets[self._index] + self._in_tensor
+                view[start:start + take] = data[:take]
+                data = data[take:]
+                self._in_tensor += take
+                self.written += take
+                if self._in_tensor == layouts[self._index].nbytes:
+                    self._index, self._in_tensor = self._index + 1, 0
+                    self._skip_empty()
+        except BaseException:
+            # A traceback keeps this frame: it must not keep the buffer too.
+            view = data = None
+            raise
 
     def finish(self) -> Dataset:
-        buf = self._buf
-        if buf is None:
+        if self._buf is None:
             raise FailedPrecondition("the upload was already finished or aborted")
-        if self.written != self.expected:
+        if self.written != self.expected:  # before `buf` below: a traceback keeps locals
             raise InvalidArgument(f"chunk: received {self.written} bytes; the header declares "
                                   f"{self.expected}")
+        buf = self._buf
         tensors = [buf[o:o + lay.nbytes].view(lay.dtype).reshape(lay.shape)
                    for o, lay in zip(self.offsets, self.layouts)]
         data = TrainData(tensors[:self.n_inputs],

@@ -22,7 +22,7 @@ from gradserve.codec import CodecError
 
 from ..core import errors
 from ..metrics import Metrics
-from .streams import StreamIdle
+from .streams import DeadlinePassed, StreamIdle
 
 log = logging.getLogger("gradserve.rpc")
 
@@ -36,6 +36,7 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Aborted: grpc.StatusCode.UNAVAILABLE,
     StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
+    DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
     MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
@@ -191,6 +192,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         self.metrics = metrics
         self._wrapped: dict[str, tuple[Any, Any]] = {}
         self.in_flight: dict[asyncio.Task[Any], str] = {}
+        self.started = 0  # calls started since the server started (quiet-time detection)
 
     async def intercept_service(self, continuation: Continuation,
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -211,6 +213,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            self.started += 1
             task = asyncio.current_task()
             if task is not None:
                 in_flight[task] = method

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any, TypeVar
 
+from ..core.errors import Aborted
+
 T = TypeVar("T")
 CONTROL_THREADS = 2
 TRAIN_SPARE_THREADS = 4  # refusals (slot limit, model busy) answer while max_train_runs train
@@ -41,7 +43,11 @@ class Lanes:
         self.inline = InlinePolicy(inline_us / 1e6)
 
     async def run(self, pool: futures.Executor, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        try:
+            job = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except RuntimeError:  # the executor is shut down
+            raise Aborted("the server is shutting down; retry on another instance") from None
+        return await job
 
     def shutdown(self) -> None:
         """Drop queued work; running work finishes on its own (it holds no loop resources)."""

@@ -13,7 +13,7 @@ time, TrainStream runs one step per batch, UploadDataset copies one chunk per me
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from gradserve import _wire
@@ -26,8 +26,9 @@ from .call import Call, parse
 from .lanes import Lanes, ThreadedIterator
 from .servicer import GradientServicer
 from .shm import SharedMemoryRegistry
-from .streams import EOF, StreamWatch
+from .streams import EOF, StreamWatch, explain_eof
 
+T = TypeVar("T")
 SERVICE = "gradserve.v1.GradientService"
 DESCRIPTOR = pb.DESCRIPTOR.services_by_name["GradientService"]
 # Which executor runs each unary method (lanes.py); "inline" may run on the loop when quick.
@@ -73,6 +74,7 @@ class GradientService:
     async def _first(self, context: Any, name: str, what: str) -> bytes:
         raw = await self.watch.read(context, name)
         if raw is EOF:
+            await explain_eof(context)
             raise InvalidArgument(f"{name}: the call ended before its {what}")
         return raw  # type: ignore[no-any-return]
 
@@ -115,6 +117,14 @@ class GradientService:
 
     # ------------------------------------------------------------------ streams
 
+    async def _setup(self, fn: Callable[[], T], size: int) -> T:
+        """A stream's first message -> its state: on the loop when small (a config, a header:
+        no lock, no tensor work), so that thousands of streams opening at once queue on no
+        executor that other calls need."""
+        if size <= INLINE_MAX_BYTES:
+            return fn()
+        return await self.lanes.run(self.lanes.control, fn)
+
     async def _train(self, _requests: Any, context: Any) -> None:
         call = Call.of("Train", context)
         raw = await self._first(context, "Train", "request message")
@@ -133,9 +143,8 @@ class GradientService:
         call = Call.of("TrainStream", context)
         raw = await self._first(context, "TrainStream", "config message")
         servicer, lanes, watch = self.servicer, self.lanes, self.watch
-        session = await lanes.run(
-            lanes.control,
-            lambda: servicer.TrainStream(parse(pb.TrainStreamRequest, raw), call))
+        session = await self._setup(
+            lambda: servicer.TrainStream(parse(pb.TrainStreamRequest, raw), call), len(raw))
         inline = lanes.inline
         k = 0
 
@@ -169,14 +178,18 @@ class GradientService:
         call = Call.of("UploadDataset", context)
         raw = await self._first(context, "UploadDataset", "header message")
         servicer, lanes, watch = self.servicer, self.lanes, self.watch
-        upload = await lanes.run(
-            lanes.control,
-            lambda: servicer.UploadDataset(parse(pb.UploadDatasetRequest, raw), call))
+        upload = await self._setup(
+            lambda: servicer.UploadDataset(parse(pb.UploadDatasetRequest, raw), call), len(raw))
         try:
             while (raw := await watch.read(context, "UploadDataset")) is not EOF:
                 await lanes.run(lanes.compute, servicer.UploadChunk, upload, _chunk(raw))
             raw = b""
-            info = await lanes.run(lanes.control, servicer.UploadDone, upload)
+            try:
+                info = await lanes.run(lanes.control, servicer.UploadDone, upload)
+            except InvalidArgument as exc:
+                exc.__traceback__ = None  # its frames would keep the upload's buffer
+                await explain_eof(context)  # short because the caller cancelled?
+                raise
             return info.SerializeToString()  # type: ignore[no-any-return]
         finally:
             # However the stream ends (cancelled, idle, refused chunk), the buffer goes now.

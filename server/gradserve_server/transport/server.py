@@ -127,8 +127,11 @@ class AioServer:
                 break
             await asyncio.wait({stopping, *working}, timeout=left,
                                return_when=asyncio.FIRST_COMPLETED)
-        for task in list(self.observability.in_flight):
-            task.cancel()  # health watchers, and whatever outlived the budget
+        if not stopping.done():
+            # A second stop with no grace cancels every call left in gRPC itself (health
+            # watchers, whatever outlived the budget); cancelling their tasks would not end
+            # the calls, and the first stop would wait out its grace for them.
+            await self.server.stop(0)
         await stopping
         self._stop_ticker()
 

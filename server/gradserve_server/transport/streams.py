@@ -22,7 +22,23 @@ class StreamIdle(GradServeFault):
     """The peer sent nothing (or read nothing) for longer than the idle limit."""
 
 
+class DeadlinePassed(GradServeFault):
+    """The caller's deadline passed before its request arrived."""
+
+
 EOF = grpc.aio.EOF
+# A caller that cancels ends the pending read with EOF a moment before the cancellation itself
+# reaches the call's task; this long is waited for it before EOF counts as a malformed call.
+CANCEL_GRACE_S = 0.05
+
+
+async def explain_eof(context: Any) -> None:
+    """An EOF where a message was due: raise DeadlinePassed, or let a cancellation in flight
+    arrive (CancelledError), before the caller treats it as a malformed call."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlinePassed("the deadline passed before the request message arrived")
+    await asyncio.sleep(CANCEL_GRACE_S)
 
 
 class StreamWatch:
