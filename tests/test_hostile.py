@@ -22,8 +22,6 @@ import torch
 from gradserve import Client, GradServeError, shm
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve_server.app import GradServer
-from gradserve_server.core.errors import FailedPrecondition
-from gradserve_server.transport.shm import Owner, SharedMemoryRegistry, loopback
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICE = "/gradserve.v1.GradientService/"
@@ -77,7 +75,8 @@ def sealed_memfd(size: int, nonce: bytes, seal: bool = True) -> int:
     os.ftruncate(fd, size)
     os.pwrite(fd, nonce, 0)
     if seal:
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, shm.SEALS)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
     return fd
 
 
@@ -122,6 +121,7 @@ def test_client_truncates_segment_after_register(spawn_server: Any) -> None:
         # The old way: a /dev/shm file by name. It must be refused, or survive truncation.
         path = Path("/dev/shm") / f"gradserve-{os.getpid()}-truncated"
         path.write_bytes(nonce + bytes(size - 16))
+        handle = open(path, "r+b")  # noqa: SIM115 - kept: the server unlinks the name
         try:
             register = channel.unary_unary(
                 SERVICE + "RegisterSharedMemory",
@@ -133,12 +133,12 @@ def test_client_truncates_segment_after_register(spawn_server: Any) -> None:
             except grpc.RpcError as exc:
                 assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
             else:
-                with open(path, "r+b") as f:
-                    os.ftruncate(f.fileno(), 0)
+                os.ftruncate(handle.fileno(), 0)
                 error = rpc_error(lambda: forward_from_region(channel, model.id,
                                                               region.region_id, n))
                 assert error.code() != grpc.StatusCode.OK
         finally:
+            handle.close()
             path.unlink(missing_ok=True)
         assert server.proc.poll() is None, "the server died"
         other_client_is_served(server.address)
@@ -248,25 +248,27 @@ def test_client_probes_dev_shm_files_through_registration(
                 SERVICE + "RegisterSharedMemory",
                 request_serializer=pb.RegisterSharedMemoryRequest.SerializeToString,
                 response_deserializer=pb.RegisterSharedMemoryResponse.FromString)
-            answers = set()
-            for request in (
-                    pb.RegisterSharedMemoryRequest(name=existing.name, size=4096,
-                                                   nonce=bytes(16)),
-                    pb.RegisterSharedMemoryRequest(name=f"gradserve-{os.getpid()}-none",
-                                                   size=4096, nonce=bytes(16)),
-                    pb.RegisterSharedMemoryRequest(pid=os.getpid(), fd=handle.fileno(),
-                                                   size=8192, nonce=bytes(16)),
-                    pb.RegisterSharedMemoryRequest(pid=os.getpid(), fd=handle.fileno(),
-                                                   size=4096, nonce=bytes(16)),
-                    pb.RegisterSharedMemoryRequest(pid=os.getpid(), fd=9999, size=4096,
-                                                   nonce=bytes(16)),
-                    pb.RegisterSharedMemoryRequest(pid=1, fd=0, size=4096, nonce=bytes(16))):
-                error = rpc_error(lambda r=request: register(r, timeout=10))
+            def answer(request: pb.RegisterSharedMemoryRequest) -> str:
+                error = rpc_error(lambda: register(request, timeout=10))
                 assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
-                answers.add(error.details())
-            # Two kinds of answer only: "register by pid and fd", and one for every descriptor
-            # that does not qualify; neither says whether or how large a file is.
-            assert len(answers) == 2, answers
+                return error.details() or ""
+
+            # By name: a file that exists and one that does not get the same answer.
+            by_name = {answer(pb.RegisterSharedMemoryRequest(name=existing.name, size=4096,
+                                                             nonce=bytes(16))),
+                       answer(pb.RegisterSharedMemoryRequest(
+                           name=f"gradserve-{os.getpid()}-none", size=4096, nonce=bytes(16)))}
+            assert len(by_name) == 1, by_name
+            # By descriptor: a plain file (right or wrong size), a closed descriptor, another
+            # process's descriptor all get one and the same answer.
+            by_fd = {answer(pb.RegisterSharedMemoryRequest(pid=pid, fd=fd, size=size,
+                                                           nonce=bytes(16)))
+                     for pid, fd, size in ((os.getpid(), handle.fileno(), 8192),
+                                           (os.getpid(), handle.fileno(), 4096),
+                                           (os.getpid(), 9999, 4096), (1, 0, 4096))}
+            assert len(by_fd) == 1, by_fd
+            answers = by_name | by_fd
+            # Neither says whether or how large a file is.
             assert not any(w in a for a in answers for w in ("No such", "8192", "4096 bytes"))
         other_client_is_served(address)
     finally:
@@ -274,6 +276,9 @@ def test_client_probes_dev_shm_files_through_registration(
 
 
 def test_remote_peer_is_refused_shared_memory() -> None:
+    from gradserve_server.core.errors import FailedPrecondition
+    from gradserve_server.transport.shm import Owner, SharedMemoryRegistry, loopback
+
     registry = SharedMemoryRegistry(MIB, 60.0)
     assert loopback("ipv4:127.0.0.1:5000") and loopback("ipv6:[::1]:5000")
     assert loopback("ipv6:[::ffff:127.0.0.1]:5000")
@@ -619,7 +624,9 @@ def test_burst_of_large_calls_gives_memory_back(spawn_server: Any) -> None:
 
 
 def test_unauthenticated_client_sends_huge_requests(spawn_server: Any, tmp_path: Path) -> None:
-    server = spawn_server("--auth-token-file", _tokens(tmp_path))
+    tokens = tmp_path / "tokens"
+    tokens.write_text("reader read\n")
+    server = spawn_server("--auth-token-file", str(tokens))
     pid = server.proc.pid
     n = 400 * MIB
     # A valid ForwardRequest holding one 400 MiB tensor, built without extra copies of it.
