@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -14,27 +13,34 @@ from ..core.errors import InvalidArgument
 from .shm import Owner
 
 
-@dataclass
 class Call:
     """One RPC as the sync method bodies see it (they run on executor threads).
 
     cancelled is set by the event loop when the caller cancels, its deadline passes, the stream
-    ends for another reason, or the server shuts down; long loops poll it.
+    ends for another reason, or the server shuts down; long loops poll it. The caller's identity
+    (peer, credential) is read from the context only when a method needs it (shared memory):
+    the gRPC core calls behind it are thread-safe, and most calls never ask.
     """
 
-    method: str
-    peer: str = ""
-    credential: str = ""
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    __slots__ = ("_owner", "cancelled", "context", "method")
+
+    def __init__(self, method: str, context: Any = None) -> None:
+        self.method = method
+        self.context = context
+        self.cancelled = threading.Event()
+        self._owner: Owner | None = None
 
     @classmethod
     def of(cls, method: str, context: Any) -> Call:
-        """Read peer and credential now, on the event loop (the context is not thread-safe)."""
-        return cls(method, context.peer() or "", _credential(context))
+        return cls(method, context)
 
     @property
     def owner(self) -> Owner:
-        return Owner(self.peer, self.credential)
+        if self._owner is None:
+            context = self.context
+            self._owner = (Owner(context.peer() or "", _credential(context))
+                           if context is not None else Owner(""))
+        return self._owner
 
     def is_cancelled(self) -> bool:
         return self.cancelled.is_set()

@@ -12,6 +12,7 @@ time, TrainStream runs one step per batch, UploadDataset copies one chunk per me
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -155,6 +156,9 @@ class GradientService:
         def parse_and_step(raw: bytes, k: int) -> bytes | None:
             return step(parse(pb.TrainStreamRequest, raw), k)
 
+        # The reply of step k is written while batch k+1 is read and stepped: a write waits
+        # for gRPC to take the bytes, which need not hold up the next step.
+        writing: asyncio.Task[None] | None = None
         try:
             while (raw := await watch.read(context, "TrainStream")) is not EOF:
                 if inline.budget_s > 0 and len(raw) <= INLINE_MAX_BYTES:
@@ -166,11 +170,18 @@ class GradientService:
                         reply = await lanes.run(lanes.train, inline.timed, kind, step, msg, k)
                 else:
                     reply = await lanes.run(lanes.train, parse_and_step, raw, k)
+                if writing is not None:
+                    await writing
+                    writing = None
                 if reply is None:
                     break  # shutdown or the model was deleted: the stream ends
-                await watch.write(context, "TrainStream", reply)
+                writing = asyncio.ensure_future(watch.write(context, "TrainStream", reply))
                 k += 1
+            if writing is not None:
+                await writing
         finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
             call.cancelled.set()
             _submit(lanes.train, session.close)  # waits for a step in flight, off the loop
 
