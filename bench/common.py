@@ -2,8 +2,8 @@
 
 The gradserve server and a bare gRPC echo server run side by side in one child process, so that
 a ratio compares the same machine, process and moment; clients alternate between them in rounds.
-Neither the server child nor the bench client tunes malloc unless asked (`--tune-malloc`): the
-numbers are those of processes configured as users run them.
+By default the server child sets what gradserve-server sets at start (--tune-malloc 1) and the
+bench client sets nothing, as a plain SDK process; run.py's --tune-malloc changes that.
 """
 
 from __future__ import annotations
@@ -22,13 +22,16 @@ MAX_MESSAGE = 512 * 1024 * 1024
 CTX = mp.get_context("spawn")
 
 
-def tune_malloc() -> None:
-    """The process-wide glibc thresholds gradserve 0.1 set (for --tune-malloc comparisons)."""
+def tune_malloc(arenas: int = 0) -> None:
+    """The process-wide glibc settings of gradserve.tune_malloc() (arenas=0) and gradserve-server
+    --tune-malloc 1 (arenas=1), written out so the bench runs against older servers too."""
     import ctypes
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 512 * 1024 * 1024)  # M_MMAP_THRESHOLD
     libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    if arenas:
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
 
 
 def _serve(conn: Any, threads: int, torch_threads: int, tuned: bool) -> None:
@@ -36,7 +39,7 @@ def _serve(conn: Any, threads: int, torch_threads: int, tuned: bool) -> None:
     from gradserve_server.settings import Settings
 
     if tuned:
-        tune_malloc()
+        tune_malloc(arenas=1 if hasattr(Settings, "tune_malloc") else 0)  # as the CLI does
     server, port = build_server(Settings(port=0, metrics_port=-1, threads=threads,
                                          torch_threads=torch_threads))
     server.start()

@@ -7,7 +7,9 @@
 Every goal is a ratio of two things measured in the same run, in alternating rounds where they
 can be: gradserve next to a bare gRPC echo of the same bytes, next to the same loop run locally,
 next to torch.distributed.rpc (TensorPipe). The server runs in a child process; the bench process
-is the client. Neither tunes malloc (as users run them) unless --tune-malloc says so.
+is the client. The server child sets glibc's malloc settings as gradserve-server does at start
+(--tune-malloc 1) and the client sets none, as a plain SDK process; --tune-malloc changes that
+(the trade-off is in docs/performance.md "Memory").
 docs/performance.md explains each row and what dominates it; bench/RESULTS.md holds dated
 results.
 """
@@ -277,14 +279,15 @@ def mlp(servers: common.Servers, report: Report, calls: int) -> None:
                "ms", against="local step p50")
 
 
-def distributed(servers: common.Servers, report: Report, calls: int, big_reps: int) -> None:
+def distributed(servers: common.Servers, report: Report, calls: int, big_reps: int,
+                client_tuned: bool = False) -> None:
     """TensorPipe (torch.distributed.rpc) and gradserve side by side, in the same process."""
     port = tp_baseline.free_port()
     conn, child = common.CTX.Pipe()
     owner = common.CTX.Process(target=tp_baseline.owner, args=(port,), daemon=True)
     driver = common.CTX.Process(target=tp_baseline.driver,
                                 args=(port, servers.address, calls, big_reps, child,
-                                      servers.tuned), daemon=True)
+                                      client_tuned), daemon=True)
     owner.start()
     driver.start()
     if not conn.poll(400):
@@ -371,10 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run")
     parser.add_argument("--json", help="output file (default bench/results/<date>.json)")
     parser.add_argument("--tune-malloc", choices=("none", "server", "client", "both"),
-                        default="none",
-                        help="set gradserve 0.1's process-wide glibc malloc thresholds in the "
-                             "server child, the bench client or both (default: neither, as "
-                             "users run them)")
+                        default="server",
+                        help="where the process-wide glibc malloc settings are made: the server "
+                             "child (as gradserve-server --tune-malloc 1), the bench client (as "
+                             "gradserve.tune_malloc()), both or none (default: server, as "
+                             "gradserve-server and a plain SDK process run by default)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(chosen) - set(SECTIONS)
@@ -402,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "mlp":
                 mlp(servers, report, calls // 3)
             elif name == "distributed":
-                distributed(servers, report, calls // 2, reps)
+                distributed(servers, report, calls // 2, reps,
+                            args.tune_malloc in ("client", "both"))
             elif name == "concurrency":
                 concurrency(servers, report, 1.5 if args.quick else 4.0)
             elif name == "upload":

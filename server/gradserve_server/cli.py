@@ -25,6 +25,16 @@ def quiet_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def tune_malloc(settings: Settings) -> None:
+    """--tune-malloc 1: keep big message buffers out of fresh mmaps (page faults dominate 16-64 MiB
+    messages here) in one heap, which malloc_trim can empty when the server is quiet
+    (transport/memory.py; docs/performance.md "Memory"). Before any thread starts."""
+    if settings.tune_malloc:
+        from gradserve import tuning
+
+        tuning.tune_malloc(arenas=1)
+
+
 def refuse(exc: Exception) -> int:
     """One line on stderr, exit status 1: the server cannot start as configured."""
     print(f"gradserve-server: {exc}", file=sys.stderr)
@@ -38,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = Settings.load(argv)
     logs.configure(settings.log_level, settings.log_format)
+    tune_malloc(settings)
     try:
         server, _port = build_server(settings)
     except StartupError as exc:

@@ -63,6 +63,11 @@ class Settings:
     max_streams_per_connection: int = _opt(
         1000, "concurrent RPCs on one client connection (HTTP/2 max concurrent streams); "
         "the client queues the rest")
+    tune_malloc: int = _opt(
+        1, "1: this process keeps large message buffers in one glibc heap (mmap threshold "
+        "512 MiB, trim threshold 1 GiB, one arena) and returns its free memory once no call has "
+        "started for 2 s; 16-64 MiB messages take 20-45% less time. 0: glibc's defaults",
+        choices=(0, 1))
     inline_us: int = _opt(
         500, "a call whose identical predecessor (method, model, shapes) took less than this "
         "many microseconds runs on the event loop instead of a thread; 0: never")
@@ -94,7 +99,7 @@ class Settings:
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None,
-             environ: Mapping[str, str] | None = None) -> "Settings":
+             environ: Mapping[str, str] | None = None) -> Settings:
         """Parse flags over environment over defaults; argparse exits with usage on bad input."""
         environ = os.environ if environ is None else environ
         parser = build_parser()
@@ -117,6 +122,8 @@ class Settings:
             parser.error("ports must be within 0-65535")
         if self.max_message_mb < 1 or self.threads < 1:
             parser.error("--max-message-mb and --threads must be >= 1")
+        if self.tune_malloc not in (0, 1):
+            parser.error(f"--tune-malloc: expected 0 or 1; got {self.tune_malloc}")
         if self.stream_idle_seconds < 0 or self.inline_us < 0:
             parser.error("--stream-idle-seconds and --inline-us must be >= 0")
         if (self.max_concurrent_rpcs < 1 or self.max_streams_per_connection < 1
