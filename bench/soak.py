@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,14 +33,25 @@ def start_server(idle_seconds: float) -> tuple[subprocess.Popen[str], int]:
     env = {**os.environ, "GRADSERVE_LOG_FORMAT": "json"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gradserve_server", "--port", "0", "--metrics-port", "-1",
-         "--stream-idle-seconds", str(idle_seconds), "--log-level", "warning"],
+         "--stream-idle-seconds", str(idle_seconds)],
         env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:
         found = re.search(r'"grpc": "[^"]*:(\d+)"', line)
         if found:
+            # keep reading its log, or the server blocks once the pipe is full
+            threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
             return proc, int(found.group(1))
     raise RuntimeError("the server did not start")
+
+
+SERVER_LOG: list[str] = []
+
+
+def _drain(stream: Any) -> None:
+    for line in stream:
+        if '"level": "error"' in line or '"level": "warning"' in line:
+            SERVER_LOG.append(line.strip())
 
 
 def proc_stats(pid: int) -> dict[str, int]:
@@ -206,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         server.wait(60)
     if errors:
         print(f"\n{len(errors)} client errors; first: {errors[:3]}")
+    noisy = [line for line in SERVER_LOG if "--state-dir" not in line]
+    print(f"server warnings and errors logged: {len(noisy)}" + (f"; first: {noisy[:2]}"
+                                                                  if noisy else ""))
     settled = rows[1:] or rows  # the first interval includes start-up
     for key in ("rss_mb", "fds", "threads", "p99_ms"):
         values = [r[key] for r in settled]
