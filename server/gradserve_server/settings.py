@@ -66,7 +66,7 @@ class Settings:
     tune_malloc: int = _opt(
         1, "1: this process keeps large message buffers in one glibc heap (mmap threshold "
         "512 MiB, trim threshold 1 GiB, one arena) and returns its free memory once no call has "
-        "started for 2 s; 16-64 MiB messages take 20-45% less time. 0: glibc's defaults",
+        "started for 2 s; 16-64 MiB messages take 20-45 percent less time. 0: glibc's defaults",
         choices=(0, 1))
     inline_us: int = _opt(
         500, "a call whose identical predecessor (method, model, shapes) took less than this "
