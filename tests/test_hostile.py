@@ -498,7 +498,8 @@ def test_client_sends_bytes_that_are_not_protobuf(client: Client, server: GradSe
     garbage = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12"
     with grpc.insecure_channel(address) as channel:
         for method in ("GetModel", "Forward", "Backward", "CreateModel", "ListModels"):
-            error = rpc_error(lambda m=method: raw_unary(channel, m)(garbage, timeout=10))
+            call = raw_unary(channel, method)
+            error = rpc_error(lambda: call(garbage, timeout=10))  # noqa: B023 - used at once
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, error)
             assert "not a valid" in (error.details() or "")
         error = rpc_error(lambda: channel.stream_unary(SERVICE + "UploadDataset")(

@@ -199,8 +199,7 @@ class Upload:
                     self._index, self._in_tensor = self._index + 1, 0
                     self._skip_empty()
         except BaseException:
-            # A traceback keeps this frame: it must not keep the buffer too.
-            view = data = None
+            del view, data  # a traceback keeps this frame: it must not keep the buffer too
             raise
 
     def finish(self) -> Dataset:
