@@ -1,8 +1,9 @@
 """What the benchmark sections share: the server child process, the bare echo, timing helpers.
 
-The gradserve server and a bare gRPC echo server run side by side in one child process, both
-with the server's start-up tuning (glibc malloc thresholds), so that a ratio compares the same
-machine, process and moment; clients alternate between them in rounds.
+The gradserve server and a bare gRPC echo server run side by side in one child process, so that
+a ratio compares the same machine, process and moment; clients alternate between them in rounds.
+By default the server child sets what gradserve-server sets at start (--tune-malloc 1) and the
+bench client sets nothing, as a plain SDK process; run.py's --tune-malloc changes that.
 """
 
 from __future__ import annotations
@@ -21,12 +22,24 @@ MAX_MESSAGE = 512 * 1024 * 1024
 CTX = mp.get_context("spawn")
 
 
-def _serve(conn: Any, threads: int, torch_threads: int) -> None:
+def tune_malloc(arenas: int = 0) -> None:
+    """The process-wide glibc settings of gradserve.tune_malloc() (arenas=0) and gradserve-server
+    --tune-malloc 1 (arenas=1), written out so the bench runs against older servers too."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 512 * 1024 * 1024)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD
+    if arenas:
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+
+
+def _serve(conn: Any, threads: int, torch_threads: int, tuned: bool) -> None:
     from gradserve_server.app import build_server
-    from gradserve_server.cli import tune_malloc
     from gradserve_server.settings import Settings
 
-    tune_malloc()  # as gradserve-server does at start
+    if tuned:
+        tune_malloc(arenas=1 if hasattr(Settings, "tune_malloc") else 0)  # as the CLI does
     server, port = build_server(Settings(port=0, metrics_port=-1, threads=threads,
                                          torch_threads=torch_threads))
     server.start()
@@ -47,9 +60,10 @@ def _serve(conn: Any, threads: int, torch_threads: int) -> None:
 class Servers:
     """gradserve + bare echo in one child process."""
 
-    def __init__(self, threads: int = 16, torch_threads: int = 0) -> None:
+    def __init__(self, threads: int = 16, torch_threads: int = 0, tuned: bool = False) -> None:
+        self.tuned = tuned
         self._conn, child = CTX.Pipe()
-        self._proc = CTX.Process(target=_serve, args=(child, threads, torch_threads),
+        self._proc = CTX.Process(target=_serve, args=(child, threads, torch_threads, tuned),
                                  daemon=True)
         self._proc.start()
         self.port, self.echo_port = self._conn.recv()

@@ -6,9 +6,12 @@
 
 Every goal is a ratio of two things measured in the same run, in alternating rounds where they
 can be: gradserve next to a bare gRPC echo of the same bytes, next to the same loop run locally,
-next to torch.distributed.rpc (TensorPipe). The server runs in a child process (with the start-up
-tuning of gradserve-server); the bench process is the client. docs/performance.md explains each
-row and what dominates it; bench/RESULTS.md holds dated results.
+next to torch.distributed.rpc (TensorPipe). The server runs in a child process; the bench process
+is the client. The server child sets glibc's malloc settings as gradserve-server does at start
+(--tune-malloc 1) and the client sets none, as a plain SDK process; --tune-malloc changes that
+(the trade-off is in docs/performance.md "Memory").
+docs/performance.md explains each row and what dominates it; bench/RESULTS.md holds dated
+results.
 """
 
 from __future__ import annotations
@@ -186,6 +189,17 @@ def train(servers: common.Servers, report: Report, reps: int) -> None:
     step_bytes = _ops.backward("m", [], x[:10], y[:10], step=True).request.SerializeToString()
     with Client(servers.address) as client:
 
+        def train_stream() -> None:
+            """Caller-driven: the same loop, one batch per TrainStream message, one stream."""
+            m = client.create_model(layers=layers, loss="mse",
+                                    optimizer={"type": "sgd", "lr": 0.03}, seed=0)
+            t0 = time.perf_counter()
+            batches = ((x[idx], y[idx]) for epoch in range(3) for idx in d2l_batches(epoch))
+            steps = list(m.train_stream(batches))
+            times["train_stream"].append(time.perf_counter() - t0)
+            assert len(steps) == 300
+            m.delete()
+
         def train_rpc() -> None:
             m = client.create_model(layers=layers, loss="mse",
                                     optimizer={"type": "sgd", "lr": 0.03}, seed=0)
@@ -218,8 +232,9 @@ def train(servers: common.Servers, report: Report, reps: int) -> None:
             times["echo_300"].append(time.perf_counter() - t0)
 
         times: dict[str, list[float]] = {k: [] for k in ("train_rpc", "train_server",
-                                                         "per_batch", "local", "echo_300")}
-        loops = (local, train_rpc, per_batch, echo_floor)
+                                                         "train_stream", "per_batch", "local",
+                                                         "echo_300")}
+        loops = (local, train_rpc, train_stream, per_batch, echo_floor)
         for fn in loops:
             fn()  # warm-up
         for samples in times.values():
@@ -233,6 +248,8 @@ def train(servers: common.Servers, report: Report, reps: int) -> None:
                "<=1.05", "local loop")
     report.row("  Train loop time on the server (done event)", st["train_server"], st["local"],
                "ms", "<=1.05", "local loop")
+    report.row("train_stream, d2l (one batch per message)", st["train_stream"], st["local"],
+               "ms", "report", "local loop")
     report.row("per-batch Backward(step=True), d2l", st["per_batch"], st["local"], "ms", "<=3",
                "local loop")
     report.row("  floor: 300 bare echoes of a step request", st["echo_300"], st["local"], "ms",
@@ -262,13 +279,15 @@ def mlp(servers: common.Servers, report: Report, calls: int) -> None:
                "ms", against="local step p50")
 
 
-def distributed(servers: common.Servers, report: Report, calls: int, big_reps: int) -> None:
+def distributed(servers: common.Servers, report: Report, calls: int, big_reps: int,
+                client_tuned: bool = False) -> None:
     """TensorPipe (torch.distributed.rpc) and gradserve side by side, in the same process."""
     port = tp_baseline.free_port()
     conn, child = common.CTX.Pipe()
     owner = common.CTX.Process(target=tp_baseline.owner, args=(port,), daemon=True)
     driver = common.CTX.Process(target=tp_baseline.driver,
-                                args=(port, servers.address, calls, big_reps, child), daemon=True)
+                                args=(port, servers.address, calls, big_reps, child,
+                                      client_tuned), daemon=True)
     owner.start()
     driver.start()
     if not conn.poll(400):
@@ -354,21 +373,26 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--quick", action="store_true", help="fewer calls: a smoke run")
     parser.add_argument("--json", help="output file (default bench/results/<date>.json)")
+    parser.add_argument("--tune-malloc", choices=("none", "server", "client", "both"),
+                        default="server",
+                        help="where the process-wide glibc malloc settings are made: the server "
+                             "child (as gradserve-server --tune-malloc 1), the bench client (as "
+                             "gradserve.tune_malloc()), both or none (default: server, as "
+                             "gradserve-server and a plain SDK process run by default)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(chosen) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    from gradserve import tune_malloc
-
-    tune_malloc()  # the SDK's opt-in; the server child gets the same at start-up
+    if args.tune_malloc in ("client", "both"):
+        common.tune_malloc()
     calls = 600 if args.quick else 3000
     reps = 2 if args.quick else 5
     report = Report()
     started = time.perf_counter()
     load_before = common.load_average()
     print(f"gradserve bench: sections {chosen}, 1-min load average {load_before:.2f}", flush=True)
-    servers = common.Servers()
+    servers = common.Servers(tuned=args.tune_malloc in ("server", "both"))
     try:
         for name in chosen:
             print(f"== {name}", flush=True)
@@ -382,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "mlp":
                 mlp(servers, report, calls // 3)
             elif name == "distributed":
-                distributed(servers, report, calls // 2, reps)
+                distributed(servers, report, calls // 2, reps,
+                            args.tune_malloc in ("client", "both"))
             elif name == "concurrency":
                 concurrency(servers, report, 1.5 if args.quick else 4.0)
             elif name == "upload":
@@ -393,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report.rows)
     out = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
            "load_average": {"before": load_before, "after": common.load_average()},
-           "quick": args.quick, "seconds": time.perf_counter() - started,
+           "quick": args.quick, "tune_malloc": args.tune_malloc, "seconds": time.perf_counter() - started,
            "rows": report.rows, "raw": report.raw}
     path = Path(args.json) if args.json else (
         HERE / "results" / f"{dt.date.today().isoformat()}.json")

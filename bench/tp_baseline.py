@@ -56,13 +56,15 @@ def owner(port: int) -> None:
     rpc.shutdown()
 
 
-def driver(port: int, address: str, calls: int, big_reps: int, conn: Any) -> None:
+def driver(port: int, address: str, calls: int, big_reps: int, conn: Any,
+           tuned: bool = False) -> None:
     """Rank 0: TensorPipe and gradserve measures in alternating rounds; results to conn."""
     import common  # the bench directory is on the path of spawned children too
     import numpy as np
-    from gradserve import Client, tune_malloc
+    from gradserve import Client
 
-    tune_malloc()
+    if tuned:
+        common.tune_malloc()
     rpc.init_rpc("driver", rank=0, world_size=2, rpc_backend_options=_options(port))
     try:
         rref = rpc.remote("owner", RemoteLinear)

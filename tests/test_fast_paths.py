@@ -55,7 +55,7 @@ def segments_of(pid: int) -> list[str]:
     return sorted(n for n in os.listdir(shm.DIRECTORY) if n.startswith(f"gradserve-{pid}-"))
 
 
-needs_shm = pytest.mark.skipif(not shm.available(), reason="needs POSIX shared memory (/dev/shm)")
+needs_shm = pytest.mark.skipif(not shm.available(), reason="needs sealable memfds (Linux)")
 
 
 def poll(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
@@ -274,7 +274,7 @@ def test_fallback_when_the_server_cannot_open_the_segment(make_server: Callable[
                                                           tmp_path: Path) -> None:
     server = make_server()
     assert server.shm is not None
-    server.shm.directory = str(tmp_path)  # as if the server ran on another host
+    server.shm.proc = str(tmp_path)  # as if the server ran on another host (or pid namespace)
     x = torch.randn(1_000_000)
     with Client(f"127.0.0.1:{server.port}", shared_memory=True) as c:
         m = c.create_model(layers=[{"type": "Identity"}])
@@ -363,29 +363,51 @@ def test_a_request_naming_an_unknown_region_falls_back_to_the_wire(
         assert same(m.forward(x), x)
 
 
-def test_register_checks_name_nonce_and_access(make_server: Callable[..., Any]) -> None:
+def test_register_checks_descriptor_seals_and_nonce(make_server: Callable[..., Any],
+                                                    tmp_path: Path) -> None:
+    import fcntl
+
     server = make_server()
     with Client(f"127.0.0.1:{server.port}", shared_memory=False) as c:
         register = c._stub.RegisterSharedMemory
-        with pytest.raises(Exception) as bad_name:
-            register(pb.RegisterSharedMemoryRequest(name="../etc/passwd", size=4096,
-                                                    nonce=b"0" * 16))
-        assert "INVALID_ARGUMENT" in str(bad_name.value)
-        with pytest.raises(Exception) as missing:
-            register(pb.RegisterSharedMemoryRequest(name="gradserve-0-nothere", size=4096,
-                                                    nonce=b"0" * 16))
-        assert "FAILED_PRECONDITION" in str(missing.value)
+
+        def refused(**fields: Any) -> str:
+            with pytest.raises(Exception) as info:
+                register(pb.RegisterSharedMemoryRequest(**{"size": 4096, "nonce": b"0" * 16,
+                                                           **fields}))
+            return str(info.value)
+
+        # The old way, a name in /dev/shm, is refused: such files can be truncated under us.
+        assert "FAILED_PRECONDITION" in refused(name="gradserve-0-old")
+        # A file that is not a memfd: refused, and the answer says nothing about it.
+        f = tmp_path / "plain"
+        f.write_bytes(bytes(4096))
+        with open(f, "r+b") as handle:
+            plain = refused(pid=os.getpid(), fd=handle.fileno())
+        missing = refused(pid=os.getpid(), fd=987654)
+        assert "FAILED_PRECONDITION" in plain and plain == missing
         if shm.available():
-            name = f"gradserve-{os.getpid()}-nonce"
-            path = Path(shm.DIRECTORY) / name
-            path.write_bytes(b"A" * 16 + bytes(4096 - 16))
+            def memfd(seal: bool, size: int = 4096, nonce: bytes = b"A" * 16) -> int:
+                fd = os.memfd_create(f"gradserve-{os.getpid()}-t", os.MFD_ALLOW_SEALING)
+                os.ftruncate(fd, size)
+                os.pwrite(fd, nonce, 0)
+                if seal:
+                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, shm.SEALS)
+                return fd
+
+            unsealed, sealed = memfd(False), memfd(True)
             try:
-                with pytest.raises(Exception) as wrong:
-                    register(pb.RegisterSharedMemoryRequest(name=name, size=4096,
-                                                            nonce=b"B" * 16))
-                assert "nonce" in str(wrong.value)
+                assert refused(pid=os.getpid(), fd=unsealed, nonce=b"A" * 16) == plain
+                assert refused(pid=os.getpid(), fd=sealed, nonce=b"B" * 16) == plain  # nonce
+                assert refused(pid=os.getpid(), fd=sealed, nonce=b"A" * 16, size=8192) == plain
+                ok = register(pb.RegisterSharedMemoryRequest(size=4096, nonce=b"A" * 16,
+                                                             pid=os.getpid(), fd=sealed))
+                assert ok.region_id and len(server.shm) == 1
+                c._run(_unregister_op(ok.region_id))
+                assert len(server.shm) == 0
             finally:
-                path.unlink(missing_ok=True)
+                os.close(unsealed)
+                os.close(sealed)
         with pytest.raises(NotFoundError):
             c._run(_unregister_op("no-such-region"))
 

@@ -1,20 +1,25 @@
 """Same-host fast path: large Forward/Backward tensors travel through shared memory.
 
-When the client and the server share a host, the Client creates POSIX shared-memory segments
-(/dev/shm/gradserve-<pid>-<random>), registers each with the server (RegisterSharedMemory: the
-server maps it and unlinks the name, so the kernel frees the memory once both processes let go,
-even if one of them dies) and then sends large tensors as byte ranges of a segment instead of
-bytes on the socket. Replies are written by the server into a range the request offers
-(shm_reply); the client copies them out before it reuses the segment.
+When the client and the server share a host, the Client creates memfds (memfd_create, named
+gradserve-<pid>-<random>), sizes them and seals their size (F_SEAL_SHRINK | F_SEAL_GROW |
+F_SEAL_SEAL: nobody, the client included, can truncate the memory under the server's mapping),
+registers each with the server (RegisterSharedMemory with this process's pid and the
+descriptor's number: the server opens /proc/<pid>/fd/<fd>, checks the seals and maps it; the
+kernel frees the memory once both processes let go, even if one of them dies) and then sends
+large tensors as byte ranges of a segment instead of bytes on the socket. Replies are written by
+the server into a range the request offers (shm_reply); the client copies them out before it
+reuses the segment.
 
-Negotiated per channel with an automatic fallback: if the server cannot open the segment
-(another host, another user, an older server, the fast path disabled) the channel keeps using
-the wire. Used by the synchronous Client; segments are leased to one call at a time.
+Negotiated per channel with an automatic fallback: if the server cannot use the segment
+(another host or container, an older server, the fast path disabled or refused by auth) the
+channel keeps using the wire. Used by the synchronous Client; segments are leased to one call
+at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
@@ -48,9 +53,14 @@ _UNSUPPORTED = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENT
                 grpc.StatusCode.NOT_FOUND}
 
 
+SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)
+         | getattr(fcntl, "F_SEAL_SEAL", 0))
+
+
 def available() -> bool:
-    """POSIX shared memory as files under /dev/shm (Linux)."""
-    return sys.platform.startswith("linux") and os.path.isdir(DIRECTORY)
+    """Sealable memfds (Linux)."""
+    return (sys.platform.startswith("linux") and hasattr(os, "memfd_create")
+            and hasattr(fcntl, "F_ADD_SEALS"))
 
 
 def same_host(address: str) -> bool:
@@ -248,25 +258,30 @@ class SharedMemory:
         self._close(segment, unregister=False)
 
     def _create(self, size: int, timeout: float | None) -> _Segment | None:
+        if not available():
+            self._disable("this platform has no sealable memfds")
+            return None
         name = f"gradserve-{os.getpid()}-{secrets.token_hex(12)}"
-        path = os.path.join(self.directory, name)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as exc:
-            self._disable(f"cannot create {path}: {exc.strerror}")
+            self._disable(f"cannot create a memfd: {exc.strerror}")
             return None
         try:
             try:
                 os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
                 memory = _map(fd, size)
-            finally:
-                os.close(fd)
+            except OSError as exc:
+                self._disable(f"cannot size, seal or map a memfd: {exc.strerror}")
+                return None
             nonce = secrets.token_bytes(NONCE)
             memory[:NONCE] = nonce
             segment = _Segment(name, memory, size)
             try:
                 reply = self._register(
-                    pb.RegisterSharedMemoryRequest(name=name, size=size, nonce=nonce),
+                    pb.RegisterSharedMemoryRequest(size=size, nonce=nonce, pid=os.getpid(),
+                                                   fd=fd),
                     timeout=timeout or 10.0, metadata=self._metadata)
             except grpc.RpcError as exc:
                 memory.close()
@@ -279,8 +294,7 @@ class SharedMemory:
                 "bytes": size, "region": segment.region_id}})
             return segment
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # the server unlinks it too, once mapped
+            os.close(fd)  # the mappings keep the memory; the server opened its own descriptor
 
     def _disable(self, why: str) -> None:
         self.enabled = False

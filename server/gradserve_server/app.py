@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from concurrent import futures
+import time
 from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
+from .core.errors import StartupError
 from .core.service import CheckpointResult, Core
 from .core.statedir import place_scratch
 from .metrics import Metrics
 from .settings import Settings
 from .tokens import load_tokens
-from .transport.fastpath import add_servicer
 from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
-from .transport.servicer import GradientServicer
+from .transport.lanes import Lanes
+from .transport.memory import Trimmer
+from .transport.rpc import GradientService
+from .transport.server import AioServer
 from .transport.shm import SharedMemoryRegistry
+from .transport.streams import StreamWatch
 
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+# On SIGTERM, calls in progress get this share of --grace-seconds (at most RPC_GRACE_CAP_S);
+# checkpoints get the rest. docs/durability in README "Shutdown".
+RPC_GRACE_SHARE = 0.5
+RPC_GRACE_CAP_S = 10.0
+KEEPALIVE_S = 60  # the server pings quiet connections this often; a peer that does not answer
+KEEPALIVE_TIMEOUT_S = 20  # within this is gone, and its calls are cancelled
+
+
+def rpc_grace(grace: float) -> float:
+    """The part of the shutdown grace that calls in progress get: min(grace/2, 10 s)."""
+    return max(0.0, min(grace * RPC_GRACE_SHARE, RPC_GRACE_CAP_S))
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -34,16 +57,16 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SystemExit(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise StartupError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+            raise StartupError(f"--device {name}: CUDA is not available on this machine")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise SystemExit(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise StartupError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise SystemExit(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+        raise StartupError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -61,43 +84,77 @@ class GradServer:
         self.core = Core(self.device, settings.limits, self.metrics, settings.state_dir,
                          settings.autosave_steps, settings.autosave_seconds,
                          bool(settings.persist_datasets))
-        interceptors: list[grpc.ServerInterceptor] = [ObservabilityInterceptor(self.metrics)]
+        self.shm = (SharedMemoryRegistry(settings.max_shm_mb * 1024 * 1024, settings.shm_ttl_s,
+                                         settings.max_shm_regions,
+                                         settings.max_shm_regions_per_connection)
+                    if settings.max_shm_mb > 0 else None)
+        self.lanes = Lanes(str(self.device), settings.threads, settings.max_train_runs,
+                           settings.inline_us)
+        self.watch = StreamWatch(settings.stream_idle_seconds)
+        observability = ObservabilityInterceptor(self.metrics)
+        self._observability = observability
+        self.trimmer = Trimmer(self.lanes.control.submit)
+        interceptors: list[grpc.aio.ServerInterceptor] = [observability]
         if settings.auth_token_file:
             interceptors.append(AuthInterceptor(load_tokens(settings.auth_token_file)))
         interceptors.append(ErrorInterceptor())
         size = settings.max_message_mb * 1024 * 1024
-        self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.threads,
-                                       thread_name_prefix="gradserve-rpc"),
-            interceptors=interceptors,
-            options=[("grpc.max_send_message_length", size),
-                     ("grpc.max_receive_message_length", size),
-                     ("grpc.so_reuseport", 0),
-                     # accept the SDK's 30 s keepalive pings; the default (5 min) would make the
-                     # server drop quiet long calls (a Train between events) as "too many pings"
-                     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                     ("grpc.http2.max_ping_strikes", 0)],
-        )
-        self.shm = (SharedMemoryRegistry(settings.max_shm_mb * 1024 * 1024, settings.shm_ttl_s)
-                    if settings.max_shm_mb > 0 else None)
-        add_servicer(GradientServicer(self.core, self.shm), self.grpc, self.shm)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.grpc)
+        options = [
+            ("grpc.max_send_message_length", size),
+            ("grpc.max_receive_message_length", size),
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            # calls that arrived and wait for the event loop to pick them up: gRPC's default
+            # (1000, 3000 hard) cancels some of a burst of new streams that the loop would
+            # accept a moment later; max_concurrent_rpcs bounds them instead
+            ("grpc.server_max_pending_requests", settings.max_concurrent_rpcs),
+            ("grpc.server_max_pending_requests_hard_limit", 2 * settings.max_concurrent_rpcs),
+            # accept the SDK's 30 s keepalive pings; the default (5 min) would make the server
+            # drop quiet long calls (a Train between events) as "too many pings"
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+            # ping quiet connections: a vanished client's streams are cancelled, not kept
+            ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+        ]
+        service = GradientService(self.core, self.shm, self.lanes, self.watch)
+        idle = settings.stream_idle_seconds
+        self.transport = AioServer(
+            options=options, interceptors=interceptors, observability=observability,
+            lanes=self.lanes, watch=self.watch,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs, add_services=service.add_to,
+            service_names=(SERVICE,), housekeeping=self._housekeeping,
+            housekeeping_s=min(1.0, idle / 4) if idle > 0 else 1.0)
         address = f"{settings.host}:{settings.port}"
-        if settings.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
-                root_certificates=(Path(settings.tls_client_ca).read_bytes()
-                                   if settings.tls_client_ca else None),
-                require_client_auth=bool(settings.tls_client_ca))
-            self.port = self.grpc.add_secure_port(address, creds)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            credentials = None
+            if settings.tls_cert:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+                    root_certificates=(Path(settings.tls_client_ca).read_bytes()
+                                       if settings.tls_client_ca else None),
+                    require_client_auth=bool(settings.tls_client_ca))
+            self.port = self.transport.add_port(address, credentials)
+        except (OSError, RuntimeError) as exc:
+            self.transport.close()
+            raise StartupError(f"cannot serve gRPC on {address}: {exc}") from None
         self.metrics_port = -1
         self._metrics_server: object | None = None
+
+    @property
+    def health(self) -> HealthControl:
+        return HealthControl(self.transport)
+
+    def _housekeeping(self) -> None:
+        """Every second on the event loop: expire idle regions, give memory back when quiet."""
+        if self.shm is not None and len(self.shm):
+            self.shm.expire()
+        self.trimmer.tick(self._observability.started)
+
+    @property
+    def metrics_host(self) -> str:
+        """--metrics-host, or localhost: /metrics has no auth and names models and losses."""
+        return self.settings.metrics_host or "127.0.0.1"
 
     def start(self) -> None:
         restored = self.core.start()
@@ -106,29 +163,49 @@ class GradServer:
                      len(restored.models), len(restored.datasets), self.settings.state_dir,
                      len(restored.quarantined))
         if self.settings.metrics_port >= 0:
-            host = self.settings.metrics_host or self.settings.host
-            self._metrics_server, self.metrics_port = self.metrics.serve(
-                host, self.settings.metrics_port)
-        self.grpc.start()
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            try:
+                self._metrics_server, self.metrics_port = self.metrics.serve(
+                    self.metrics_host, self.settings.metrics_port)
+            except OSError as exc:
+                raise StartupError(f"cannot serve /metrics on {self.metrics_host}:"
+                                   f"{self.settings.metrics_port}: {exc.strerror}") from None
+        self.transport.start(("", SERVICE))
         log.info("gradserve serving", extra={"fields": {
             "grpc": f"{self.settings.host}:{self.port}", "metrics_port": self.metrics_port,
+            "metrics_host": self.metrics_host if self.metrics_port >= 0 else "",
             "device": str(self.device), "tls": bool(self.settings.tls_cert),
             "auth": bool(self.settings.auth_token_file),
             "memory_budget": self.core.describe_budget()}})
+        self._warn()
+
+    def _warn(self) -> None:
+        s = self.settings
+        if not is_loopback(s.host) and not (s.auth_token_file and s.tls_cert):
+            missing = " and ".join(w for w, on in (("auth (--auth-token-file)", s.auth_token_file),
+                                                    ("TLS (--tls-cert)", s.tls_cert)) if not on)
+            log.warning(f"serving {s.host}:{self.port}, which other hosts can reach, without "
+                        f"{missing}: anyone who reaches it can read, train and delete models")
+        if self.metrics_port >= 0 and not is_loopback(self.metrics_host):
+            log.warning(f"/metrics on {self.metrics_host}:{self.metrics_port} has no auth and "
+                        "shows model ids and losses to whoever reaches it")
+        if not s.state_dir:
+            log.warning("no --state-dir: models live in memory only and are lost when the "
+                        "server stops")
 
     def drain(self, grace: float | None = None) -> CheckpointResult:
-        """Graceful stop: NOT_SERVING, stop Train loops at a step boundary, checkpoint, close."""
+        """Graceful stop within grace seconds: NOT_SERVING; Train loops stop at a step boundary
+        (their last event says "shutdown"); calls in progress get rpc_grace(grace), then what is
+        left is cancelled; checkpoints get the rest of the time."""
         grace = self.settings.grace_seconds if grace is None else grace
-        self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + grace
         self.core.trainer.shutdown.set()
-        self.grpc.stop(grace).wait(grace + 1)
+        try:
+            self.transport.drain(rpc_grace(grace))
+        finally:
+            self.transport.close()
         if self.shm is not None:
             self.shm.close()
-        # The budget split (RPCs get a bounded part of the grace, checkpoints a monotonic
-        # deadline for the rest) is wired with the aio transport; until then no deadline.
-        result = self.core.checkpoint_all(deadline=None)
+        result = self.core.checkpoint_all(deadline=deadline)
         if result.saved or result.failed:
             log.info("checkpointed %d model(s) to %s (%d already current, %d failed)",
                      len(result.saved), self.settings.state_dir, len(result.unchanged),
@@ -140,7 +217,7 @@ class GradServer:
         """Immediate stop (tests)."""
         self.core.stop_autosave()
         self.core.trainer.shutdown.set()
-        self.grpc.stop(0).wait(5)
+        self.transport.stop()
         if self.shm is not None:
             self.shm.close()
         self.close_metrics()
@@ -151,6 +228,19 @@ class GradServer:
             server.shutdown()  # type: ignore[attr-defined]
             server.server_close()  # type: ignore[attr-defined]
             self._metrics_server = None
+
+
+class HealthControl:
+    """The health service's status, set from any thread (the service lives on the loop)."""
+
+    def __init__(self, transport: AioServer) -> None:
+        self._transport = transport
+
+    def set(self, service: str, status: int) -> None:
+        self._transport.set_health(status, (service,))
+
+    def enter_graceful_shutdown(self) -> None:
+        self._transport.not_serving()
 
 
 def build_server(settings: Settings) -> tuple[GradServer, int]:

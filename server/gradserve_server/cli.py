@@ -16,13 +16,6 @@ from .settings import Settings
 log = logging.getLogger("gradserve")
 
 
-def tune_malloc() -> None:
-    """Keep big tensor buffers out of fresh mmaps: page faults dominate 16-64 MiB messages here."""
-    from gradserve import tuning
-
-    tuning.tune_malloc()
-
-
 def quiet_openmp() -> None:
     """Idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY is set already).
 
@@ -33,18 +26,37 @@ def quiet_openmp() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def tune_malloc(settings: Settings) -> None:
+    """--tune-malloc 1: keep big message buffers out of fresh mmaps (page faults dominate 16-64 MiB
+    messages here) in one heap, which malloc_trim can empty when the server is quiet
+    (transport/memory.py; docs/performance.md "Memory"). Before any thread starts."""
+    if settings.tune_malloc:
+        from gradserve import tuning
+
+        tuning.tune_malloc(arenas=1)
+
+
+def refuse(exc: Exception) -> int:
+    """One line on stderr, exit status 1: the server cannot start as configured."""
+    print(f"gradserve-server: {exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_openmp()
-    from .app import build_server  # imports torch: after quiet_openmp
-
-    settings = Settings.load(argv)
+    settings = Settings.load(argv)  # --help and usage errors answer before torch is imported
     logs.configure(settings.log_level, settings.log_format)
-    tune_malloc()
+    from .app import build_server  # imports torch: after quiet_openmp
+    tune_malloc(settings)
     try:
         server, _port = build_server(settings)
-    except StartupError as exc:  # one line naming the flag, the path and the reason
-        print(f"gradserve-server: {exc}", file=sys.stderr)
-        return 1
+    except StartupError as exc:
+        return refuse(exc)
+    try:
+        server.start()
+    except StartupError as exc:
+        server.stop()
+        return refuse(exc)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -53,7 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
     while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
         pass
     result = server.drain()

@@ -17,8 +17,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .core.errors import StartupError
+
 # Scopes a token can carry; a line without scopes grants all of them.
-SCOPES_ALL = frozenset({"read", "train", "admin"})
+SCOPES_ALL = frozenset({"read", "train", "admin", "shm"})
 # A comment: '#' at the start of the line or after whitespace, to the end of the line.
 _COMMENT = re.compile(r"(?:^|\s)#.*\Z", re.DOTALL)
 # Visible ASCII: a token travels in the 'authorization' header, where nothing else survives.
@@ -53,25 +55,25 @@ def parse_line(line: str) -> tuple[str, frozenset[str]] | None:
 
 
 def load_tokens(path: str) -> dict[str, frozenset[str]]:
-    """Token -> scopes from the file; SystemExit naming file:line on any ambiguous line."""
+    """Token -> scopes from the file; StartupError naming file:line on any ambiguous line."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SystemExit(f"{path}: cannot read the token file: {exc}") from None
+        raise StartupError(f"--auth-token-file {path}: cannot read the token file: {exc}") from None
     tokens: dict[str, frozenset[str]] = {}
     lines: dict[str, int] = {}
     for number, line in enumerate(text.splitlines(), 1):
         try:
             parsed = parse_line(line)
         except ValueError as exc:
-            raise SystemExit(f"{path}:{number}: {exc}") from None
+            raise StartupError(f"{path}:{number}: {exc}") from None
         if parsed is None:
             continue
         token, scopes = parsed
         if token in tokens:
-            raise SystemExit(f"{path}:{number}: this token is already listed on line "
+            raise StartupError(f"{path}:{number}: this token is already listed on line "
                              f"{lines[token]}; list each token once")
         tokens[token], lines[token] = scopes, number
     if not tokens:
-        raise SystemExit(f"{path}: no tokens")
+        raise StartupError(f"{path}: no tokens")
     return tokens

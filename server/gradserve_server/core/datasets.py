@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from . import statedir
 from .budget import MemoryBudget
-from .errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .ids import check_id, is_id
 
@@ -104,6 +104,21 @@ class DatasetStore:
 
     def upload(self, dataset_id: str, inputs: list[TensorLayout], target: TensorLayout | None,
                chunks: Iterable[bytes]) -> Dataset:
+        upload = self.begin(dataset_id, inputs, target)
+        try:
+            for chunk in chunks:
+                upload.write(chunk)
+            return upload.finish()
+        finally:
+            upload.abort()  # no-op once finished
+
+    def begin(self, dataset_id: str, inputs: list[TensorLayout], target: TensorLayout | None
+              ) -> Upload:
+        """Check the header and reserve its bytes; the caller writes chunks, then finish()es.
+
+        The caller must finish() or abort() the upload: abort() drops the buffer at once and
+        returns the reservation (a cancelled stream must not keep hundreds of MiB alive).
+        """
         dataset_id = check_id(dataset_id, "header.dataset_id") if dataset_id else (
             f"dataset-{uuid.uuid4().hex[:12]}")
         layouts = [*inputs, *([target] if target is not None else [])]
@@ -134,46 +149,29 @@ class DatasetStore:
             # Charged before the buffer exists; a failed upload gives it back below.
             self.budget.charge("datasets", total, lambda: f"dataset {dataset_id!r}")
             self._reserved += total
-        stored = False
         try:
-            buf = torch.empty(total, dtype=torch.uint8)
-            view = buf.numpy()
-            expected = sum(lay.nbytes for lay in layouts)
-            written, index, in_tensor = 0, 0, 0
-            for chunk in chunks:
-                data = np.frombuffer(chunk, dtype=np.uint8)
-                while data.size:
-                    if index >= len(layouts):
-                        raise InvalidArgument(f"chunk: more bytes than the header declares "
-                                              f"({expected})")
-                    room = layouts[index].nbytes - in_tensor
-                    take = min(room, data.size)
-                    start = offsets[index] + in_tensor
-                    view[start:start + take] = data[:take]
-                    data, in_tensor, written = data[take:], in_tensor + take, written + take
-                    if in_tensor == layouts[index].nbytes:
-                        index, in_tensor = index + 1, 0
-                    while index < len(layouts) and layouts[index].nbytes == 0:
-                        index += 1
-            if written != expected:
-                raise InvalidArgument(f"chunk: received {written} bytes; the header declares "
-                                      f"{expected}")
-            tensors = [buf[o:o + lay.nbytes].view(lay.dtype).reshape(lay.shape)
-                       for o, lay in zip(offsets, layouts)]
-            data_ = TrainData(tensors[:len(inputs)], tensors[len(inputs)] if target else None)
-            dataset = Dataset(dataset_id, data_, layouts, target is not None, total)
-            if self.persist_dir is not None:  # on disk before the caller hears it is there
-                self._write(dataset, buf)
-            with self._lock:
-                self._datasets[dataset_id] = dataset
-            stored = True
-        finally:
-            with self._lock:
-                self._reserved -= total
-            if not stored:
-                self.budget.release("datasets", total)
+            return Upload(self, dataset_id, layouts, offsets, total, len(inputs),
+                          target is not None)
+        except BaseException:
+            self._unreserve(total)
+            raise
+
+    def _unreserve(self, total: int, stored: bool = False) -> None:
+        """End an upload's reservation; the budget charge stays only with a stored dataset."""
+        with self._lock:
+            self._reserved -= total
+        if not stored:
+            self.budget.release("datasets", total)
+
+    def _add(self, dataset: Dataset, buf: torch.Tensor) -> None:
+        if self.persist_dir is not None:  # on disk before the caller hears it is there
+            self._write(dataset, buf)
+        with self._lock:
+            if dataset.id in self._datasets:
+                raise AlreadyExists(f"header.dataset_id: a dataset {dataset.id!r} already "
+                                    "exists; delete it or choose another id")
+            self._datasets[dataset.id] = dataset
         self.hooks.dataset_bytes(self.bytes_held)
-        return dataset
 
     def get(self, dataset_id: str) -> Dataset:
         dataset = self._datasets.get(dataset_id)
@@ -302,3 +300,83 @@ def _dataset_from(name: str, meta: dict[str, Any], buf: torch.Tensor) -> Dataset
     created = meta.get("created_unix", time.time())
     return Dataset(name, data, layouts, has_target, total,
                    float(created) if isinstance(created, (int, float)) else time.time())
+
+
+class Upload:
+    """One dataset being received: chunks are copied into one buffer, in declaration order."""
+
+    def __init__(self, store: DatasetStore, dataset_id: str, layouts: list[TensorLayout],
+                 offsets: list[int], total: int, n_inputs: int, has_target: bool) -> None:
+        self.store = store
+        self.id = dataset_id
+        self.layouts = layouts
+        self.offsets = offsets
+        self.total = total
+        self.n_inputs = n_inputs
+        self.has_target = has_target
+        self.expected = sum(lay.nbytes for lay in layouts)
+        self.written = self._index = self._in_tensor = 0
+        self._skip_empty()
+        self._buf: torch.Tensor | None = torch.empty(total, dtype=torch.uint8)
+        self._open = True
+
+    def _skip_empty(self) -> None:
+        while self._index < len(self.layouts) and self.layouts[self._index].nbytes == 0:
+            self._index += 1
+
+    def write(self, chunk: Any) -> None:
+        if self._buf is None:
+            raise FailedPrecondition("chunk: the upload was already finished or aborted")
+        view = self._buf.numpy()
+        data = np.frombuffer(chunk, dtype=np.uint8)
+        layouts = self.layouts
+        try:
+            while data.size:
+                if self._index >= len(layouts):
+                    raise InvalidArgument(f"chunk: more bytes than the header declares "
+                                          f"({self.expected})")
+                room = layouts[self._index].nbytes - self._in_tensor
+                take = min(room, data.size)
+                start = self.offsets[self._index] + self._in_tensor
+                view[start:start + take] = data[:take]
+                data = data[take:]
+                self._in_tensor += take
+                self.written += take
+                if self._in_tensor == layouts[self._index].nbytes:
+                    self._index, self._in_tensor = self._index + 1, 0
+                    self._skip_empty()
+        except BaseException:
+            del view, data  # a traceback keeps this frame: it must not keep the buffer too
+            raise
+
+    def finish(self) -> Dataset:
+        if self._buf is None:
+            raise FailedPrecondition("the upload was already finished or aborted")
+        if self.written != self.expected:  # before `buf` below: a traceback keeps locals
+            raise InvalidArgument(f"chunk: received {self.written} bytes; the header declares "
+                                  f"{self.expected}")
+        buf = self._buf
+        tensors = [buf[o:o + lay.nbytes].view(lay.dtype).reshape(lay.shape)
+                   for o, lay in zip(self.offsets, self.layouts)]
+        data = TrainData(tensors[:self.n_inputs],
+                         tensors[self.n_inputs] if self.has_target else None)
+        dataset = Dataset(self.id, data, self.layouts, self.has_target, self.total)
+        self._buf = None
+        try:
+            self.store._add(dataset, buf)
+        except BaseException:
+            del buf, tensors, data, dataset  # a traceback keeps locals: not the buffer
+            self._close()
+            raise
+        self._close(stored=True)
+        return dataset
+
+    def abort(self) -> None:
+        """Drop the buffer and the reservation (idempotent)."""
+        self._buf = None
+        self._close()
+
+    def _close(self, stored: bool = False) -> None:
+        if self._open:
+            self._open = False
+            self.store._unreserve(self.total, stored)

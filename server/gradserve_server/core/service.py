@@ -252,9 +252,13 @@ class Core:
                     continue  # a named snapshot: loaded on request only
                 loaded = self.checkpoints.read_path(path)
                 model = self.checkpoints.build(loaded, name, self.device, self.limits,
-                                               self.hooks)
+                                               self.hooks, self.budget)
                 model.saved_version = model.version
-                self.models.put(model)
+                try:
+                    self.models.put(model)
+                except BaseException:
+                    model.close()  # never stored: give its memory budget back
+                    raise
                 result.models.append(name)
             except CheckpointUnusable as exc:
                 self.checkpoints.quarantine(path, exc.reason, str(exc))

@@ -402,51 +402,114 @@ class Trainer:
 
     # ---------------------------------------------------------------- TrainStream
 
+    def open_stream(self, model: Model, clip: float, schedule: str,
+                    schedule_params: dict[str, Any], warmup_steps: int,
+                    warmup_start_factor: float, skip_nonfinite: bool) -> StreamSession:
+        """Validate a TrainStream config; the session claims the model at its first batch."""
+        if clip < 0 or not math.isfinite(clip):
+            raise InvalidArgument("config.clip_grad_norm: must be a finite number >= 0")
+        return StreamSession(self, model, clip, schedule, schedule_params, warmup_steps,
+                             warmup_start_factor, skip_nonfinite)
+
     def stream(self, model: Model, clip: float, schedule: str, schedule_params: dict[str, Any],
                warmup_steps: int, warmup_start_factor: float, skip_nonfinite: bool,
                batches: Iterable[TrainData], cancelled: Callable[[], bool]
                ) -> Iterator[StreamResult]:
-        if clip < 0 or not math.isfinite(clip):
-            raise InvalidArgument("config.clip_grad_norm: must be a finite number >= 0")
-        return self._stream(model, clip, schedule, schedule_params, warmup_steps,
-                            warmup_start_factor, skip_nonfinite, batches, cancelled)
+        session = self.open_stream(model, clip, schedule, schedule_params, warmup_steps,
+                                   warmup_start_factor, skip_nonfinite)
+        return self._stream(session, batches, cancelled)
 
-    def _stream(self, model: Model, clip: float, schedule: str,
-                schedule_params: dict[str, Any], warmup_steps: int, warmup_start_factor: float,
-                skip_nonfinite: bool, batches: Iterable[TrainData],
+    @staticmethod
+    def _stream(session: StreamSession, batches: Iterable[TrainData],
                 cancelled: Callable[[], bool]) -> Iterator[StreamResult]:
-        self._claim(model)
         try:
-            with model.lock:
-                sched = build_schedule(model.optimizer, schedule, schedule_params, warmup_steps,
-                                       warmup_start_factor, 1 << 30)
-                model.module.zero_grad()
-                model.module.train()
-            for k, batch in enumerate(batches):
-                if self._stop_requested(model, cancelled):
+            for batch in batches:
+                if cancelled():
                     return
-                batch.check(f"batch {k}")
-                t0 = time.perf_counter()
-                with model.lock, model.reserve_batch(BACKWARD, batch.inputs, batch.target,
-                                                     "TrainStream", model.trainable_bytes):
-                    xs = model.prepare_inputs(batch.inputs)
-                    loss = model.loss_fn(model.run_module(xs), model.prepare_target(batch.target))
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        if not skip_nonfinite:
-                            raise FailedPrecondition(
-                                f"batch {k}: the loss was {value}; the stream ends (set "
-                                "skip_nonfinite to skip such batches)")
-                        yield StreamResult(model.step_count, value, math.nan, self._lr(model), True)
-                        continue
-                    loss.backward()
-                    norm, lr = self._apply_step(model, sched, clip, want_norm=True)
-                self.hooks.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
-                self.hooks.steps(model.id, 1, batch.num_samples)
-                self.hooks.loss(model.id, value)
-                self.hooks.learning_rate(model.id, lr)
-                if not math.isnan(norm):
-                    self.hooks.grad_norm(model.id, norm)
-                yield StreamResult(model.step_count, value, norm, lr, False)
+                result = session.step(batch)
+                if result is None:
+                    return
+                yield result
         finally:
-            self._release(model)
+            session.close()
+
+
+class StreamSession:
+    """One TrainStream: a step per batch, called by whoever receives the batches.
+
+    The model and a training slot are claimed at the first batch, not when the stream opens, so
+    a stream that only sent its config holds nothing; close() releases them.
+    """
+
+    def __init__(self, trainer: Trainer, model: Model, clip: float, schedule: str,
+                 schedule_params: dict[str, Any], warmup_steps: int,
+                 warmup_start_factor: float, skip_nonfinite: bool) -> None:
+        self.trainer = trainer
+        self.model = model
+        self.clip = clip
+        self.skip_nonfinite = skip_nonfinite
+        self._schedule = (schedule, schedule_params, warmup_steps, warmup_start_factor)
+        self._sched: LRScheduler | None = None
+        self._claimed = False
+        self._closed = False
+        self._lock = threading.Lock()  # step() and close() never overlap (they may run on
+        self.batches = 0               # different threads: the caller's last step, a cancel)
+
+    def _start(self) -> None:
+        model = self.model
+        self.trainer._claim(model)
+        self._claimed = True
+        schedule, params, warmup, start_factor = self._schedule
+        with model.lock:
+            self._sched = build_schedule(model.optimizer, schedule, params, warmup, start_factor,
+                                         1 << 30)
+            model.module.zero_grad()
+            model.module.train()
+
+    def step(self, batch: TrainData) -> StreamResult | None:
+        """One optimizer step on batch; None once the stream must end (shutdown, model deleted)."""
+        with self._lock:
+            return self._step(batch)
+
+    def _step(self, batch: TrainData) -> StreamResult | None:
+        if self._closed:
+            return None
+        if not self._claimed:
+            self._start()
+        model, trainer = self.model, self.trainer
+        k = self.batches
+        self.batches += 1
+        if trainer.shutdown.is_set() or model.deleted.is_set():
+            return None
+        batch.check(f"batch {k}")
+        t0 = time.perf_counter()
+        with model.lock, model.reserve_batch(BACKWARD, batch.inputs, batch.target,
+                                             "TrainStream", model.trainable_bytes):
+            xs = model.prepare_inputs(batch.inputs)
+            loss = model.loss_fn(model.run_module(xs), model.prepare_target(batch.target))
+            value = loss.item()
+            if not math.isfinite(value):
+                if not self.skip_nonfinite:
+                    raise FailedPrecondition(
+                        f"batch {k}: the loss was {value}; the stream ends (set "
+                        "skip_nonfinite to skip such batches)")
+                return StreamResult(model.step_count, value, math.nan, trainer._lr(model), True)
+            loss.backward()
+            norm, lr = trainer._apply_step(model, self._sched, self.clip, want_norm=True)
+        hooks = trainer.hooks
+        hooks.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
+        hooks.steps(model.id, 1, batch.num_samples)
+        hooks.loss(model.id, value)
+        hooks.learning_rate(model.id, lr)
+        if not math.isnan(norm):
+            hooks.grad_norm(model.id, norm)
+        return StreamResult(model.step_count, value, norm, lr, False)
+
+    def close(self) -> None:
+        """Release the model and the slot (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._claimed:
+                self.trainer._release(self.model)

@@ -1,20 +1,28 @@
-"""Cross-cutting concerns at the edge: error->status mapping, metrics and logs, auth."""
+"""Cross-cutting concerns at the edge (grpc.aio interceptors): error->status map, metrics, auth.
+
+Each interceptor rebuilds a method's handler once with its behavior wrapped (cached per
+method). Response-streaming behaviors are wrapped as coroutines that write with context.write,
+whether the inner one is an async generator or a coroutine (as the aio health servicer's Watch).
+"""
+
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-
 from gradserve.codec import CodecError
 
 from ..core import errors
 from ..metrics import Metrics
+from .streams import DeadlinePassed, StreamIdle
 
 log = logging.getLogger("gradserve.rpc")
 
@@ -27,6 +35,8 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Aborted: grpc.StatusCode.UNAVAILABLE,
+    StreamIdle: grpc.StatusCode.DEADLINE_EXCEEDED,
+    DeadlinePassed: grpc.StatusCode.DEADLINE_EXCEEDED,
     MemoryError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
@@ -54,6 +64,9 @@ def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
 def _cached(cache: dict[str, tuple[Any, Any]], handler: grpc.RpcMethodHandler | None,
             around: Callable[[Behavior, bool, str], Behavior], method: str
             ) -> grpc.RpcMethodHandler | None:
@@ -68,20 +81,25 @@ def _cached(cache: dict[str, tuple[Any, Any]], handler: grpc.RpcMethodHandler | 
     return wrapped
 
 
+_FACTORIES = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
 def _wrap(handler: grpc.RpcMethodHandler | None,
           around: Callable[[Behavior, bool, str], Behavior], method: str
           ) -> grpc.RpcMethodHandler | None:
     """Rebuild a method handler with `around` applied to its behavior."""
     if handler is None:
         return None
-    for kind, factory in (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler),
-    ):
+    for kind, factory in _FACTORIES:
         behavior = getattr(handler, kind)
         if behavior is not None:
+            if handler.response_streaming:
+                behavior = _as_writer(behavior)
             return factory(
                 around(behavior, handler.response_streaming, method),
                 request_deserializer=handler.request_deserializer,
@@ -90,97 +108,143 @@ def _wrap(handler: grpc.RpcMethodHandler | None,
     return handler
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
-    """Project errors become their status; anything else INTERNAL with a generic message."""
+def _as_writer(behavior: Behavior) -> Behavior:
+    """A response-streaming behavior as a coroutine that writes each reply itself."""
+    if not inspect.isasyncgenfunction(behavior):
+        return behavior
+
+    async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async for reply in behavior(request, context):
+            await context.write(reply)
+
+    return writer
+
+
+def _code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):  # some grpc versions report the raw integer
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c
+    return grpc.StatusCode.OK if code is None else grpc.StatusCode.UNKNOWN
+
+
+def _ended_by_peer(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call's task was cancelled: its deadline passed, or the caller (or shutdown) ended it."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Project errors become their status; anything else INTERNAL with a generic message.
+
+    A cancelled call (the caller cancelled, its deadline passed) is not an error: the
+    cancellation goes through untouched and nothing is logged as an incident.
+    """
 
     def __init__(self) -> None:
         self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        return _cached(self._wrapped, continuation(details), self._around, details.method)
+    async def intercept_service(self, continuation: Continuation,
+                                details: grpc.HandlerCallDetails) -> Any:
+        return _cached(self._wrapped, await continuation(details), self._around, details.method)
 
     @staticmethod
-    def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+        """Set the call's status from exc; grpc sends it when the behavior returns (after the
+        outer interceptors recorded it, so metrics and logs never lag the caller)."""
         mapped = _status_for(exc)
-        if mapped is not None:
-            context.abort(*mapped)
-        incident = uuid.uuid4().hex[:12]
-        log.error("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); "
-                      "the server log has the details")
+        if mapped is None:
+            incident = uuid.uuid4().hex[:12]
+            log.error("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
+            mapped = (grpc.StatusCode.INTERNAL,
+                      f"internal error (incident {incident}); the server log has the details")
+        # The traceback holds the call's frames and, through them, its buffers (a cancelled
+        # 256 MiB upload): drop it now rather than when a garbage collection finds the cycle.
+        exc.__traceback__ = None
+        context.set_code(mapped[0])
+        context.set_details(mapped[1])
 
     def _around(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
-        abort = self._abort
+        fail = self._fail
 
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return behavior(request, context)
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise  # the handler sent its status already
             except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
-                if context.code() is not None and _status_for(exc) is None:
-                    raise  # already aborted by the handler
-                abort(context, exc, method)
+                fail(context, exc, method)
+                return None
 
-        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            try:
-                yield from behavior(request, context)
-            except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
-                if context.code() is not None and _status_for(exc) is None:
-                    raise
-                abort(context, exc, method)
-
-        return stream if streaming else unary
+        return call
 
 
-class ObservabilityInterceptor(grpc.ServerInterceptor):
-    """RPC latency histogram by method and status code, and one debug log line per RPC."""
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    """RPC latency histogram by method and status code, one debug log line per RPC, and the
+    table of calls in flight (the drain waits for them and cancels what is left)."""
 
     def __init__(self, metrics: Metrics | None) -> None:
         self.metrics = metrics
         self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self.in_flight: dict[asyncio.Task[Any], str] = {}
+        self.started = 0  # calls started since the server started (quiet-time detection)
 
-    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        return _cached(self._wrapped, continuation(details), self._around, details.method)
+    async def intercept_service(self, continuation: Continuation,
+                                details: grpc.HandlerCallDetails) -> Any:
+        return _cached(self._wrapped, await continuation(details), self._around, details.method)
 
-    def _done(self, method: str, context: grpc.ServicerContext, start: float) -> None:
+    def _done(self, method: str, code: grpc.StatusCode, start: float, peer: str) -> None:
         seconds = time.perf_counter() - start
-        code = context.code()
-        if code is None:
-            # No status set: success, unless the caller cancelled or its deadline passed.
-            code = grpc.StatusCode.OK if context.is_active() else (
-                grpc.StatusCode.DEADLINE_EXCEEDED if (context.time_remaining() or 0) <= 0
-                else grpc.StatusCode.CANCELLED)
         name = method.rsplit("/", 1)[-1]
         if self.metrics is not None:
             self.metrics.rpc(name, code.name, seconds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("rpc", extra={"fields": {"method": name, "code": code.name,
-                                               "ms": round(seconds * 1000, 3),
-                                               "peer": context.peer()}})
+                                               "ms": round(seconds * 1000, 3), "peer": peer}})
 
     def _around(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
         done = self._done
+        in_flight = self.in_flight
 
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
+            self.started += 1
+            task = asyncio.current_task()
+            if task is not None:
+                in_flight[task] = method
+            code = grpc.StatusCode.OK
             try:
-                return behavior(request, context)
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                code = _ended_by_peer(context)
+                raise
+            except grpc.aio.AbortError:
+                code = _code_of(context)
+                raise
+            except BaseException:
+                code = grpc.StatusCode.UNKNOWN
+                raise
             finally:
-                done(method, context, start)
+                if task is not None:
+                    in_flight.pop(task, None)
+                if code is grpc.StatusCode.OK:
+                    code = _code_of(context)
+                done(method, code, start, context.peer() if log.isEnabledFor(logging.DEBUG)
+                     else "")
 
-        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            start = time.perf_counter()
-            try:
-                yield from behavior(request, context)
-            finally:
-                done(method, context, start)
-
-        return stream if streaming else unary
+        return call
 
 
 # Scopes each method needs; health and reflection are not listed and stay open.
 SCOPES: dict[str, str] = {
     **dict.fromkeys(("Forward", "GetModel", "ListModels", "GetParameters", "ListDatasets",
-                     "ListCheckpoints", "RegisterSharedMemory", "UnregisterSharedMemory"), "read"),
+                     "ListCheckpoints"), "read"),
+    **dict.fromkeys(("RegisterSharedMemory", "UnregisterSharedMemory"), "shm"),
     **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
                      "UploadDataset", "DeleteDataset"), "train"),
     **dict.fromkeys(("CreateModel", "DeleteModel", "SaveCheckpoint", "LoadCheckpoint",
@@ -189,14 +253,21 @@ SCOPES: dict[str, str] = {
 SERVICE_PREFIX = "/gradserve.v1.GradientService/"
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Bearer tokens with scopes, compared in constant time; health/reflection stay open."""
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer tokens with scopes, compared in constant time; health/reflection stay open.
+
+    A refused call gets a handler that reads nothing: the request body is never received into
+    the server, let alone parsed (an unauthenticated 400 MiB request costs the server nothing).
+    """
 
     def __init__(self, tokens: dict[str, frozenset[str]]) -> None:
         self._tokens = [(t.encode(), scopes) for t, scopes in tokens.items()]
 
     def _scopes(self, metadata: Any) -> frozenset[str] | None:
-        header = dict(metadata or ()).get("authorization", "")
+        header = ""
+        for key, value in metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else bytes(value).decode("latin-1")
         if not header.lower().startswith("bearer "):
             return None
         offered = header[7:].strip().encode()
@@ -206,31 +277,35 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 found = scopes
         return found
 
-    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(self, continuation: Continuation,
+                                details: grpc.HandlerCallDetails) -> Any:
         if not details.method.startswith(SERVICE_PREFIX):
-            return continuation(details)
+            return await continuation(details)
         name = details.method[len(SERVICE_PREFIX):]
         scopes = self._scopes(details.invocation_metadata)
         if scopes is None:
-            return _deny(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
-                         "missing or invalid bearer token (metadata 'authorization: Bearer <token>')")
+            return await _deny(continuation, details, grpc.StatusCode.UNAUTHENTICATED,
+                               "missing or invalid bearer token (metadata 'authorization: "
+                               "Bearer <token>')")
         need = SCOPES.get(name, "admin")
         if need not in scopes:
-            return _deny(continuation(details), grpc.StatusCode.PERMISSION_DENIED,
-                         f"{name} needs scope {need!r}; this token has {sorted(scopes)}")
-        return continuation(details)
+            return await _deny(continuation, details, grpc.StatusCode.PERMISSION_DENIED,
+                               f"{name} needs scope {need!r}; this token has {sorted(scopes)}")
+        return await continuation(details)
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str
-          ) -> grpc.RpcMethodHandler | None:
-    def around(_behavior: Behavior, streaming: bool, _method: str) -> Behavior:
-        def unary(_request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(code, message)
+async def _deny(continuation: Continuation, details: grpc.HandlerCallDetails,
+                code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler | None:
+    handler = await continuation(details)
+    if handler is None:
+        return None
 
-        def stream(_request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            context.abort(code, message)
-            yield  # pragma: no cover - makes this a generator
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        context.set_code(code)
+        context.set_details(message)
 
-        return stream if streaming else unary
-
-    return _wrap(handler, around, "")
+    # Request-streaming kinds whatever the method: the server then reads no message before
+    # calling refuse(), which never asks for one.
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    return grpc.stream_unary_rpc_method_handler(refuse)

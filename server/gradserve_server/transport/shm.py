@@ -1,27 +1,37 @@
-"""Same-host shared memory: regions clients register, mapped here, expiring when idle.
+"""Same-host shared memory: sealed memfds clients register, mapped here, expiring when idle.
 
-A client creates a POSIX shared-memory segment (/dev/shm/gradserve-...), writes a random nonce at
-its start and calls RegisterSharedMemory with its name. The server opens and maps it, checks the
-nonce (the caller can write the segment it names), and unlinks the name at once: from then on
-the memory lives only as long as the two mappings, so nothing is left behind when either side
-dies. Tensors of Forward/Backward requests then reference byte ranges of the region
-(Tensor.shm), and replies are written into the range the request offers (shm_reply).
+A client creates a memfd named gradserve-..., sizes it, seals it against shrinking and growing
+(F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), writes a random nonce at its start and calls
+RegisterSharedMemory with its pid, the descriptor number and the size. The server opens
+/proc/<pid>/fd/<fd>, checks that it is that sealed memfd of exactly that size (F_GET_SEALS on
+the server's own descriptor), maps it, checks the nonce (the caller can write the memory it
+names) and closes the descriptor. Because the size is sealed, nobody can truncate the memory
+under the server's mapping: a truncation attempt fails in the client (EPERM) and the server
+never takes a SIGBUS.
 
-A region that no call used for `idle_ttl_s` seconds is dropped, as on UnregisterSharedMemory; the
-mapping itself goes away once no tensor views it any more (a call still running keeps it).
+Regions are bound to the caller that registered them: its connection (gRPC peer) and its
+credential (bearer token, TLS identity). Another caller naming the id learns nothing: it gets the
+same answer as for an id that never existed. Only loopback peers may register. The number of
+regions is capped per caller and in total, and a mapping holds no file descriptor (it is made
+with mmap(2) directly and unmapped when the last tensor viewing it is gone).
+
+A region that no call used for `idle_ttl_s` seconds is dropped, as on UnregisterSharedMemory.
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import hmac
 import logging
 import mmap
 import os
-import re
 import stat
 import threading
 import time
 import uuid
+import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,38 +42,93 @@ from ..core.errors import FailedPrecondition, InvalidArgument, NotFound, Resourc
 
 log = logging.getLogger("gradserve.shm")
 
-NAME = re.compile(r"gradserve-[A-Za-z0-9._-]{1,200}")
 HEADER = 64  # bytes at the start of a region that tensors may not use (the nonce lives there)
 NONCE = 16
 ALIGN = 64  # reply tensors start on cache-line boundaries
+MEMFD_PREFIX = "/memfd:gradserve-"  # what /proc/<pid>/fd/<fd> reads as for a client's segment
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW if hasattr(fcntl, "F_SEAL_SHRINK") else 0
+# One answer for every registration that fails its checks: a caller learns nothing about files,
+# descriptors or processes it names (the server log has the reason at debug level).
+UNUSABLE = ("shared memory: the segment named by pid and fd is not usable (it must be a "
+            "gradserve memfd of exactly `size` bytes, sealed with F_SEAL_SHRINK and F_SEAL_GROW, "
+            "holding the nonce, in a process on this host); use the wire")
+_LOOPBACK = ("ipv4:127.", "ipv6:[::1]", "ipv6:[::ffff:127.", "unix:")
+
+
+def loopback(peer: str) -> bool:
+    """A gRPC peer string (context.peer()) of a caller on this host."""
+    return peer.startswith(_LOOPBACK)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who registered a region: the connection and the credential it used."""
+
+    peer: str
+    credential: str = ""
+
+
+# ------------------------------------------------------------------------------------ mappings
+
+_libc: Any = None
+
+
+def _mmap(fd: int, size: int) -> memoryview:
+    """A writable shared mapping of fd that holds no descriptor; unmapped with its last view."""
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = libc
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    buffer = (ctypes.c_ubyte * size).from_address(addr)
+    weakref.finalize(buffer, _libc.munmap, addr, size)
+    return memoryview(buffer).cast("B")
 
 
 @dataclass
 class Region:
     id: str
-    memory: mmap.mmap
+    owner: Owner
+    memory: memoryview | None
     size: int
     used: float = field(default_factory=time.monotonic)
 
     def view(self, offset: int, length: int, what: str) -> memoryview:
-        if offset < HEADER or offset + length > self.size:
+        memory = self.memory
+        if memory is None:
+            raise FailedPrecondition(f"{what}: shared memory: region {self.id!r} was released; "
+                                     "register it again")
+        if offset < HEADER or length < 0 or offset + length > self.size:
             raise InvalidArgument(f"{what}: bytes [{offset}, {offset + length}) are outside the "
                                   f"usable part [{HEADER}, {self.size}) of region {self.id}")
         self.used = time.monotonic()
-        return memoryview(self.memory)[offset:offset + length]
+        return memory[offset:offset + length]
+
+    def release(self) -> None:
+        # The mapping goes when the last tensor viewing it is freed (a running call keeps it).
+        self.memory = None
 
 
 class SharedMemoryRegistry:
     """The regions of one server. Thread-safe; max_bytes 0 disables the fast path."""
 
-    def __init__(self, max_bytes: int, idle_ttl_s: float, directory: str = "/dev/shm") -> None:
+    def __init__(self, max_bytes: int, idle_ttl_s: float, max_regions: int = 256,
+                 max_regions_per_owner: int = 32, proc: str = "/proc") -> None:
         self.max_bytes = max_bytes
         self.idle_ttl_s = idle_ttl_s
-        self.directory = directory
+        self.max_regions = max_regions
+        self.max_regions_per_owner = max_regions_per_owner
+        self.proc = proc  # where /<pid>/fd/<fd> is looked up (tests point it elsewhere)
         self._regions: dict[str, Region] = {}
+        self._per_owner: Counter[Owner] = Counter()
         self._lock = threading.Lock()
-        self._sweeper: threading.Thread | None = None
-        self._closed = threading.Event()
 
     @property
     def mapped_bytes(self) -> int:
@@ -74,55 +139,108 @@ class SharedMemoryRegistry:
 
     # ---------------------------------------------------------------- register / unregister
 
-    def register(self, name: str, size: int, nonce: bytes) -> Region:
+    def register(self, owner: Owner, pid: int, fd: int, size: int, nonce: bytes) -> Region:
         if self.max_bytes <= 0:
             raise FailedPrecondition("shared memory: the same-host fast path is disabled on this "
                                      "server (max_shm_mb=0); use the wire")
-        if not NAME.fullmatch(name):
-            raise InvalidArgument(f"name: {name!r} is not a gradserve segment name "
-                                  "(gradserve-[A-Za-z0-9._-]+)")
+        if not loopback(owner.peer):
+            raise FailedPrecondition("shared memory: only callers on the server's host "
+                                     "(loopback) may use it; use the wire")
+        if not REQUIRED_SEALS:
+            raise FailedPrecondition("shared memory: this server's platform has no sealed "
+                                     "memfds; use the wire")
+        if pid <= 0 or fd < 0:
+            raise FailedPrecondition("shared memory: register a sealed memfd by pid and fd (a "
+                                     "client of this version or later); use the wire")
         if size <= HEADER or len(nonce) != NONCE:
             raise InvalidArgument(f"size must exceed {HEADER} bytes and nonce must have {NONCE}")
         self.expire()
         with self._lock:
-            if self.mapped_bytes + size > self.max_bytes:
-                raise ResourceExhausted(
-                    f"shared memory: {self.mapped_bytes} bytes are mapped and {size} more would "
-                    f"pass the limit (max_shm_mb) of {self.max_bytes // (1024 * 1024)} MiB")
-        path = os.path.join(self.directory, name)
+            self._check_room(owner, size)
+            self._per_owner[owner] += 1  # reserved now: concurrent calls cannot pass the caps
         try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise FailedPrecondition(f"shared memory: cannot open {name} on the server's host "
-                                     f"({exc.strerror}); use the wire") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size < size:
-                raise FailedPrecondition(f"shared memory: {name} is not a segment of {size} bytes")
-            memory = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        if not hmac.compare_digest(memory[:NONCE], nonce):
-            memory.close()
-            raise FailedPrecondition(f"shared memory: the nonce of {name} does not match")
-        try:
-            os.unlink(path)  # from now on only the two mappings keep the memory alive
-        except FileNotFoundError:
-            pass
-        region = Region(uuid.uuid4().hex, memory, size)
+            memory = self._open(pid, fd, size, nonce)
+        except BaseException:
+            with self._lock:
+                self._forget_owner(owner)
+            raise
+        region = Region(uuid.uuid4().hex, owner, memory, size)
         with self._lock:
             self._regions[region.id] = region
-            self._start_sweeper()
         log.debug("shared memory region registered", extra={"fields": {
-            "region": region.id, "bytes": size}})
+            "region": region.id, "bytes": size, "peer": owner.peer}})
         return region
 
-    def unregister(self, region_id: str) -> None:
+    def _check_room(self, owner: Owner, size: int) -> None:
+        """Caps on regions (per caller, in total) and bytes (caller holds the lock)."""
+        if self._per_owner[owner] >= self.max_regions_per_owner:
+            raise ResourceExhausted(
+                f"shared memory: this connection holds {self._per_owner[owner]} regions; the "
+                f"limit (max_shm_regions_per_connection) is {self.max_regions_per_owner}; "
+                "unregister one first")
+        if sum(self._per_owner.values()) >= self.max_regions:
+            raise ResourceExhausted(
+                f"shared memory: the server holds {self.max_regions} regions, its limit "
+                "(max_shm_regions); use the wire or try again later")
+        mapped = self.mapped_bytes
+        if mapped + size > self.max_bytes:
+            raise ResourceExhausted(
+                f"shared memory: {mapped} bytes are mapped and {size} more would pass the "
+                f"limit (max_shm_mb) of {self.max_bytes // (1024 * 1024)} MiB")
+
+    def _forget_owner(self, owner: Owner) -> None:
+        self._per_owner[owner] -= 1
+        if self._per_owner[owner] <= 0:
+            del self._per_owner[owner]
+
+    def _open(self, pid: int, fd: int, size: int, nonce: bytes) -> memoryview:
+        """Map the caller's sealed memfd, or raise the one generic error (reason logged)."""
+        path = os.path.join(self.proc, str(int(pid)), "fd", str(int(fd)))
+        opened = -1
+        try:
+            # Read the link and stat the target before opening: never open a device, a FIFO or
+            # a file that is not a gradserve memfd on a caller's behalf.
+            if not os.readlink(path).startswith(MEMFD_PREFIX):
+                raise _Unusable("not a gradserve memfd")
+            before = os.stat(path)
+            if not stat.S_ISREG(before.st_mode):
+                raise _Unusable("not a regular file")
+            opened = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+            st = os.fstat(opened)
+            if (st.st_dev, st.st_ino) != (before.st_dev, before.st_ino):
+                raise _Unusable("the descriptor changed while it was opened")
+            if st.st_size != size:
+                raise _Unusable(f"size {st.st_size}, not {size}")
+            seals = fcntl.fcntl(opened, fcntl.F_GET_SEALS)
+            if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+                raise _Unusable(f"seals {seals:#x} lack SHRINK and GROW")
+            memory = _mmap(opened, size)
+        except (OSError, _Unusable) as exc:
+            log.debug("shared memory registration refused", extra={"fields": {
+                "pid": pid, "fd": fd, "reason": str(exc)}})
+            raise FailedPrecondition(UNUSABLE) from None
+        finally:
+            if opened >= 0:
+                os.close(opened)
+        if not hmac.compare_digest(bytes(memory[:NONCE]), nonce):
+            log.debug("shared memory registration refused: nonce", extra={"fields": {
+                "pid": pid, "fd": fd}})
+            raise FailedPrecondition(UNUSABLE)
+        return memory
+
+    def unregister(self, region_id: str, owner: Owner) -> None:
         with self._lock:
-            region = self._regions.pop(region_id, None)
-        if region is None:
-            raise NotFound(f"region_id: no shared-memory region {region_id!r}")
-        _release(region)
+            region = self._regions.get(region_id)
+            if region is None or region.owner != owner:
+                raise NotFound(f"region_id: no shared-memory region {region_id!r} on this "
+                               "connection")
+            self._drop(region)
+
+    def _drop(self, region: Region) -> None:
+        """Forget region (caller holds the lock)."""
+        if self._regions.pop(region.id, None) is not None:
+            self._forget_owner(region.owner)
+        region.release()
 
     def expire(self) -> int:
         """Drop regions idle for longer than the TTL; returns how many."""
@@ -130,51 +248,35 @@ class SharedMemoryRegistry:
         with self._lock:
             stale = [r for r in self._regions.values() if r.used < deadline]
             for r in stale:
-                del self._regions[r.id]
-        for r in stale:
-            _release(r)
+                self._drop(r)
         if stale:
             log.info("shared memory regions expired", extra={"fields": {"regions": len(stale)}})
         return len(stale)
 
     def close(self) -> None:
-        self._closed.set()
         with self._lock:
-            regions = list(self._regions.values())
-            self._regions.clear()
-        for r in regions:
-            _release(r)
-
-    def _start_sweeper(self) -> None:
-        """A daemon thread expires idle regions even when no call comes (caller holds the lock)."""
-        if self._sweeper is not None and self._sweeper.is_alive():
-            return
-        self._sweeper = threading.Thread(target=self._sweep, name="gradserve-shm-sweeper",
-                                         daemon=True)
-        self._sweeper.start()
-
-    def _sweep(self) -> None:
-        interval = max(0.05, min(self.idle_ttl_s / 4, 5.0))
-        while not self._closed.wait(interval):
-            self.expire()
-            with self._lock:
-                if not self._regions:
-                    self._sweeper = None
-                    return
+            for r in list(self._regions.values()):
+                self._drop(r)
 
     # ---------------------------------------------------------------- tensors
 
-    def resolve(self, ref: pb.SharedMemoryRef, what: str = "tensor.shm") -> memoryview:
+    def bind(self, owner: Owner) -> Bound:
+        """This registry as one caller sees it: only the regions that caller registered."""
+        return Bound(self, owner)
+
+    def resolve(self, ref: pb.SharedMemoryRef, owner: Owner, what: str = "tensor.shm"
+                ) -> memoryview:
         """The bytes a SharedMemoryRef names (writable; valid while the call lasts)."""
         region = self._regions.get(ref.region_id)
-        if region is None:
+        if region is None or region.owner != owner:
             raise FailedPrecondition(
-                f"{what}: shared memory: region {ref.region_id!r} is not registered (unregistered, "
-                f"or idle for more than {self.idle_ttl_s:g} s); register it again")
+                f"{what}: shared memory: region {ref.region_id!r} is not registered on this "
+                f"connection (unregistered, idle for more than {self.idle_ttl_s:g} s, or never "
+                "registered here); register it again")
         return region.view(int(ref.offset), int(ref.length), what)
 
-    def place_reply(self, message: Any, payloads: dict[Any, Any], reply: pb.SharedMemoryRef
-                    ) -> None:
+    def place_reply(self, message: Any, payloads: dict[Any, Any], reply: pb.SharedMemoryRef,
+                    owner: Owner) -> None:
         """Move payloads that fit into the reply range; their Tensor messages get shm refs."""
         offset, end = int(reply.offset), int(reply.offset) + int(reply.length)
         for path in list(payloads):
@@ -184,15 +286,30 @@ class SharedMemoryRegistry:
             if start + size > end:
                 continue  # does not fit: this one goes on the wire
             ref = pb.SharedMemoryRef(region_id=reply.region_id, offset=start, length=size)
-            dst = self.resolve(ref, "shm_reply")
+            dst = self.resolve(ref, owner, "shm_reply")
             dst[:] = memoryview(payload).cast("B")
             _wire.get_tensor(message, path).shm.CopyFrom(ref)
             del payloads[path]
             offset = start + size
 
 
-def _release(region: Region) -> None:
-    try:
-        region.memory.close()
-    except BufferError:
-        pass  # a running call still views it: the mapping goes when that view is freed
+class _Unusable(Exception):
+    """A registration check failed (logged, never shown to the caller)."""
+
+
+
+class Bound:
+    """A registry bound to one caller (what fastpath and the reply encoder use)."""
+
+    __slots__ = ("owner", "registry")
+
+    def __init__(self, registry: SharedMemoryRegistry, owner: Owner) -> None:
+        self.registry = registry
+        self.owner = owner
+
+    def resolve(self, ref: pb.SharedMemoryRef, what: str = "tensor.shm") -> memoryview:
+        return self.registry.resolve(ref, self.owner, what)
+
+    def place_reply(self, message: Any, payloads: dict[Any, Any], reply: pb.SharedMemoryRef
+                    ) -> None:
+        self.registry.place_reply(message, payloads, reply, self.owner)

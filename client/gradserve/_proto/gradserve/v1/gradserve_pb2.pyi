@@ -683,14 +683,18 @@ class DeleteCheckpointResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
-    __slots__ = ("name", "size", "nonce")
+    __slots__ = ("name", "size", "nonce", "pid", "fd")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    FD_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: int
     nonce: bytes
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    pid: int
+    fd: int
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., nonce: _Optional[bytes] = ..., pid: _Optional[int] = ..., fd: _Optional[int] = ...) -> None: ...
 
 class RegisterSharedMemoryResponse(_message.Message):
     __slots__ = ("region_id", "idle_ttl_seconds")

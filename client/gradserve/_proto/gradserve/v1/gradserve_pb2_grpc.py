@@ -289,11 +289,14 @@ class GradientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RegisterSharedMemory(self, request, context):
-        """Same-host fast path: maps a shared-memory segment the caller created (POSIX shm, e.g.
-        /dev/shm/<name>) so that Forward and Backward tensors can travel through it instead of the
-        socket. FAILED_PRECONDITION when the server cannot open it (another host, another user, or
-        the fast path is disabled): the caller then keeps using the wire. The server unlinks the
-        name once mapped, so the memory is freed when both sides have let go of it.
+        """Same-host fast path: maps a sealed memfd the caller created (Linux memfd_create, sealed with
+        F_SEAL_SHRINK and F_SEAL_GROW, so that nobody can truncate it under the server's mapping)
+        so that Forward and Backward tensors can travel through it instead of the socket. The
+        region belongs to the caller's connection and credential; other callers cannot use it.
+        FAILED_PRECONDITION when the server cannot use it (another host or container, not sealed,
+        a client older than pid/fd, or the fast path disabled): the caller then keeps using the
+        wire. RESOURCE_EXHAUSTED beyond the server's limits on regions and bytes. Needs the "shm"
+        scope when the server checks tokens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
