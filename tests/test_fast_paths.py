@@ -1,4 +1,4 @@
-"""Correctness of the fast paths: framing (_wire), shared memory (shm), their fallbacks, cleanup.
+"""Correctness of the fast paths: framing (gradserve.wire), shared memory (shm), their fallbacks, cleanup.
 
 Every fast path must give exactly what the plain path gives; nothing here is timed (bench/ is).
 """
@@ -20,8 +20,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf import message as pb_message
-from gradserve import Client, codec, shm, tune_malloc
-from gradserve import wire as _wire
+from gradserve import Client, codec, shm, tune_malloc, wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 from gradserve.aio import AsyncClient
 from gradserve.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -81,14 +80,14 @@ def test_join_writes_standard_protobuf_with_aligned_payloads(dtype: torch.dtype)
                              request_id="r")
     req.target.CopyFrom(meta)
     payloads = {("inputs", 0): payload, ("target",): payload}
-    wire = _wire.join(req, payloads)
-    plain = pb.BackwardRequest.FromString(wire)  # what any protobuf peer reads
+    data = wire.join(req, payloads)
+    plain = pb.BackwardRequest.FromString(data)  # what any protobuf peer reads
     assert plain.model_id == "m" and plain.request_id == "r" and len(plain.inputs) == 2
     assert same(codec.to_torch(plain.inputs[0]), x)
     assert same(codec.to_torch(plain.target), x)
     assert same(codec.to_torch(plain.inputs[1]), torch.ones(3))
-    base = np.frombuffer(wire, np.uint8).ctypes.data
-    views = _wire.split(wire, pb.BackwardRequest).payloads.values()
+    base = np.frombuffer(data, np.uint8).ctypes.data
+    views = wire.split(data, pb.BackwardRequest).payloads.values()
     assert len(views) == 2
     for view in views:
         offset = np.frombuffer(view, np.uint8).ctypes.data - base
@@ -101,8 +100,8 @@ def test_split_of_plain_protobuf_gives_the_same_values(dtype: torch.dtype) -> No
     msg = pb.BackwardResponse(step=3, loss=0.5, grads={"0.weight": codec.encode(x),
                                                         "tiny": codec.encode(torch.ones(2))},
                               input_grads=[codec.encode(x)], output=codec.encode(x))
-    framed = _wire.split(msg.SerializeToString(), pb.BackwardResponse)
-    assert isinstance(framed, _wire.Framed)
+    framed = wire.split(msg.SerializeToString(), pb.BackwardResponse)
+    assert isinstance(framed, wire.Framed)
     assert set(framed.payloads) == {("grads", "0.weight"), ("input_grads", 0), ("output",)}
     assert framed.step == 3 and framed.HasField("loss") and framed.loss == 0.5
     assert same(codec.to_torch(framed.grads["0.weight"]), x)
@@ -119,8 +118,8 @@ def test_split_follows_protobuf_last_field_wins_and_odd_offsets() -> None:
     tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[100_000], data=x.numpy().tobytes())
     for pad in range(8):  # a foreign encoder may put the payload at any offset
         body = b"\x08" + _varint(pb.DTYPE_FLOAT32, 1 + pad) + tensor.SerializeToString()
-        wire = b"\x1a" + _varint(len(body)) + body  # BackwardRequest.target
-        framed = _wire.split(wire, pb.BackwardRequest)
+        data = b"\x1a" + _varint(len(body)) + body  # BackwardRequest.target
+        framed = wire.split(data, pb.BackwardRequest)
         assert ("target",) in framed.payloads
         assert same(codec.to_torch(framed.target, writable=False), x)
         assert same(codec.to_torch(framed.target), x)
@@ -129,9 +128,9 @@ def test_split_follows_protobuf_last_field_wins_and_odd_offsets() -> None:
     y = -x
     for later in (pb.Tensor(data=y.numpy().tobytes()), pb.Tensor(data=b"\0" * 8)):
         body = later.SerializeToString()
-        twice = wire + b"\x1a" + _varint(len(body)) + body
+        twice = data + b"\x1a" + _varint(len(body)) + body
         expected = decoded_or_error(pb.BackwardRequest.FromString(twice).target)
-        got = decoded_or_error(_wire.split(twice, pb.BackwardRequest).target)
+        got = decoded_or_error(wire.split(twice, pb.BackwardRequest).target)
         assert type(got) is type(expected)
         if isinstance(got, torch.Tensor):
             assert same(got, expected) and same(got, y)
@@ -157,8 +156,8 @@ def _varint(n: int, width: int = 0) -> bytes:
 
 def test_split_rejects_malformed_bytes() -> None:
     data = b"\x12\xff\xff\xff\x0f" + b"\0" * 70_000  # a length that runs past the end
-    with pytest.raises((_wire.WireError, pb_message.DecodeError)):
-        _wire.split(data, pb.ForwardRequest)
+    with pytest.raises((wire.WireError, pb_message.DecodeError)):
+        wire.split(data, pb.ForwardRequest)
 
 
 def test_tune_malloc_applies_on_glibc() -> None:

@@ -394,7 +394,11 @@ def test_idle_streams_of_every_kind_do_not_starve_health_or_list_models(
                 hm = busy.model(heavy.id)
                 xb = torch.randn(256, 512)
                 while not stop.is_set():
-                    hm.forward(xb)
+                    try:
+                        hm.forward(xb)
+                    except GradServeError:
+                        if not stop.is_set():  # cut off by the teardown: expected
+                            raise
 
         def drain(run: Any) -> None:
             with contextlib.suppress(GradServeError):
@@ -726,7 +730,7 @@ def test_drain_ends_streams_then_checkpoints_within_the_grace(
             for _ in watch:  # NOT_SERVING, then the stream ends
                 pass
         release.set()
-    assert saved == 1
+    assert len(saved.saved) == 1 and saved.ok
     # Calls got min(grace/2, 10 s) at most; nothing here needed it all: the drain did not
     # wait for the idle upload or the health watcher.
     assert took < grace / 2, took

@@ -29,7 +29,7 @@ from gradserve_server.catalog.layers import LAYERS
 from gradserve_server.catalog.losses import LOSSES
 from gradserve_server.catalog.optimizers import OPTIMIZERS
 from gradserve_server.catalog.schedules import SCHEDULES, build_schedule
-from gradserve_server.core.errors import GradServeFault
+from gradserve_server.core.errors import GradServeFault, StartupError
 from gradserve_server.core.hooks import Hooks
 from gradserve_server.core.limits import Limits
 from gradserve_server.core.model import Model
@@ -280,7 +280,7 @@ def test_operator_glues_a_hash_into_a_token(make_server: Any, tmp_path: Path) ->
 def test_operator_writes_an_ambiguous_token_line(tmp_path: Path, line: str, needle: str) -> None:
     path = tmp_path / "tokens"
     path.write_text(f"# first line\n{line}\n", encoding="utf-8")
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(StartupError) as exit_:
         load_tokens(str(path))
     message = str(exit_.value)
     assert message.startswith(f"{path}:{1 + line.count(chr(10)) + 1}: "), message

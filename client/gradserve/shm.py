@@ -34,7 +34,7 @@ from typing import Any
 
 import grpc
 
-from . import wire as _wire
+from . import wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
 
 log = logging.getLogger("gradserve.shm")
@@ -142,7 +142,7 @@ class SharedMemory:
     def call(self, method: Any, request: Any, timeout: float | None = None,
              metadata: Any = None) -> Any:
         """method(request) with the request's large payloads in shared memory when possible."""
-        if not (self.enabled and isinstance(request, _wire.Framed)):
+        if not (self.enabled and isinstance(request, wire.Framed)):
             return method(request, timeout=timeout, metadata=metadata)
         sizes = {p: memoryview(v).nbytes for p, v in request.payloads.items()}
         need = sum(-(-s // ALIGN) * ALIGN for s in sizes.values())
@@ -169,8 +169,8 @@ class SharedMemory:
             if segment is not None:
                 self._return(segment)
 
-    def _place(self, segment: _Segment, request: _wire.Framed, sizes: dict[Any, int]
-               ) -> _wire.Framed:
+    def _place(self, segment: _Segment, request: wire.Framed, sizes: dict[Any, int]
+               ) -> wire.Framed:
         """A copy of the request with every payload copied into the segment."""
         msg = type(request.message)()
         msg.CopyFrom(request.message)
@@ -179,18 +179,18 @@ class SharedMemory:
         for path, payload in request.payloads.items():
             size = sizes[path]
             view[offset:offset + size] = memoryview(payload).cast("B")
-            _wire.get_tensor(msg, path).shm.CopyFrom(segment.ref(offset, size))
+            wire.get_tensor(msg, path).shm.CopyFrom(segment.ref(offset, size))
             offset = -(-(offset + size) // ALIGN) * ALIGN
         msg.shm_reply.CopyFrom(segment.ref(offset, segment.size - offset))
-        return _wire.Framed(msg, {})
+        return wire.Framed(msg, {})
 
     def _collect(self, segment: _Segment, reply: Any, key: tuple[str, str]) -> Any:
         """Copy reply tensors out of the segment (it is reused by the next call)."""
-        framed = reply if isinstance(reply, _wire.Framed) else None
+        framed = reply if isinstance(reply, wire.Framed) else None
         msg = framed.message if framed is not None else reply
         payloads = dict(framed.payloads) if framed is not None else {}
         total = sum(memoryview(p).nbytes for p in payloads.values())
-        for path, t in _wire.tensors(msg):
+        for path, t in wire.tensors(msg):
             if not t.HasField("shm"):
                 continue
             ref = t.shm
@@ -201,7 +201,7 @@ class SharedMemory:
             payloads[path] = bytearray(segment.view[start:start + length])
             total += length
         self._reply_hint[key] = total
-        return _wire.Framed(msg, payloads) if payloads else msg
+        return wire.Framed(msg, payloads) if payloads else msg
 
     # ---------------------------------------------------------------- segments
 

@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 from google.protobuf.message import DecodeError
-from gradserve import _wire
+from gradserve import wire
 
 from ..core.errors import InvalidArgument
 from .shm import Owner
@@ -73,9 +73,9 @@ def parse(cls: Any, raw: bytes) -> Any:
 
 
 def split(cls: Any, raw: bytes) -> Any:
-    """As parse, with large tensors left as zero-copy views (gradserve._wire)."""
+    """As parse, with large tensors left as zero-copy views (gradserve.wire)."""
     try:
-        return _wire.split(raw, cls)
+        return wire.split(raw, cls)
     except (DecodeError, ValueError, TypeError):
         raise InvalidArgument(f"request: the bytes are not a valid {cls.DESCRIPTOR.full_name} "
                               "message") from None

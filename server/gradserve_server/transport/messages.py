@@ -10,7 +10,7 @@ import torch
 from google.protobuf import json_format, struct_pb2
 
 from gradserve import codec
-from gradserve import wire as _wire
+from gradserve import wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from ..core.datasets import TensorLayout, TrainData
@@ -153,7 +153,7 @@ def model_info(desc: Mapping[str, Any]) -> pb.ModelInfo:
 
 
 def backward_out(result: BackwardResult, request: Any = None, shm: Any = None) -> Any:
-    """The reply; large tensors are framed (_wire) or placed in the request's shm_reply."""
+    """The reply; large tensors are framed (gradserve.wire) or placed in the request's shm_reply."""
     payloads: dict[Any, Any] = {}
     msg = pb.BackwardResponse(
         step=result.step,
@@ -182,18 +182,18 @@ def forward_out(out: torch.Tensor | Outputs, forward_id: str, request: Any = Non
 
 
 def _part(t: torch.Tensor, payloads: dict[Any, Any], path: tuple[Any, ...]) -> pb.Tensor:
-    msg, payload = codec.encode_parts(t, minimum=_wire.MIN_PAYLOAD)
+    msg, payload = codec.encode_parts(t, minimum=wire.MIN_PAYLOAD)
     if payload is not None:
         payloads[path] = payload
     return msg
 
 
 def _reply(msg: Any, payloads: dict[Any, Any], request: Any, shm: Any) -> Any:
-    if payloads and shm is not None and isinstance(request, _wire.Framed):
+    if payloads and shm is not None and isinstance(request, wire.Framed):
         reply = request.message.shm_reply
         if request.message.HasField("shm_reply") and reply.length:
             shm.place_reply(msg, payloads, reply)
-    return _wire.framed(msg, payloads)
+    return wire.framed(msg, payloads)
 
 
 # ------------------------------------------------------------------------------------ training

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-from gradserve import _wire
+from gradserve import wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from ..core.errors import InvalidArgument
@@ -216,10 +216,10 @@ def _submit(pool: Any, fn: Callable[[], Any]) -> None:
 
 def _kind(name: str, request: Any, size: int, model_id: str | None = None) -> Any:
     """What makes two calls cost the same: method, model, request size, every tensor's shape."""
-    msg = request.message if isinstance(request, _wire.Framed) else request
+    msg = request.message if isinstance(request, wire.Framed) else request
     if getattr(msg, "forward_id", ""):
         return None  # a retained graph's cost is not in the request
-    shapes = tuple((path, t.dtype, tuple(t.shape)) for path, t in _wire.tensors(msg))
+    shapes = tuple((path, t.dtype, tuple(t.shape)) for path, t in wire.tensors(msg))
     return (name, model_id if model_id is not None else msg.model_id, size, shapes)
 
 

@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from gradserve import wire as _wire
+from gradserve import wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from ..core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -288,7 +288,7 @@ class SharedMemoryRegistry:
             ref = pb.SharedMemoryRef(region_id=reply.region_id, offset=start, length=size)
             dst = self.resolve(ref, owner, "shm_reply")
             dst[:] = memoryview(payload).cast("B")
-            _wire.get_tensor(message, path).shm.CopyFrom(ref)
+            wire.get_tensor(message, path).shm.CopyFrom(ref)
             del payloads[path]
             offset = start + size
 
