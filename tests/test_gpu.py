@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from gradserve import Client
+from torch import nn
 
 DEVICE = os.environ.get("GRADSERVE_TEST_DEVICE", "cuda")
 pytestmark = [
