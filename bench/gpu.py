@@ -10,6 +10,7 @@ Needs a CUDA device; prints medians of several rounds. Results: bench/RESULTS.md
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -31,6 +32,10 @@ def median_ms(fn: Callable[[], Any], calls: int, rounds: int) -> float:
         torch.cuda.synchronize()
         per_round.append((time.perf_counter() - t0) / calls * 1000)
     return statistics.median(per_round)
+
+
+def round_trip(t: torch.Tensor) -> torch.Tensor:
+    return t.cuda().cpu()
 
 
 def deep_mlp(width: int, depth: int) -> list[dict[str, Any]]:
@@ -90,20 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         with Client(f"127.0.0.1:{servers.port}", timeout=600) as client:
-            mlp = [{"type": "Linear", "in_features": 784, "out_features": 256},
-                   {"type": "ReLU"}, {"type": "Linear", "in_features": 256, "out_features": 10}]
+            mlp: list[dict[str, Any]] = [
+                {"type": "Linear", "in_features": 784, "out_features": 256},
+                {"type": "ReLU"}, {"type": "Linear", "in_features": 256, "out_features": 10}]
             rows.append(fused_step(client, "MLP 784-256-10 b64", mlp, 64, calls, rounds))
             rows.append(fused_step(client, "8xLinear(4096) b1024", deep_mlp(4096, 8), 1024,
                                    calls, rounds))
             ident = client.create_model(layers=[{"type": "Identity"}])
             for mib in (16, 64):
                 t = torch.randn(mib * 1024 * 1024 // 4)
-                remote = median_ms(lambda t=t: ident.forward(t), max(3, calls // 10), rounds)
-                local = median_ms(lambda t=t: t.cuda().cpu(), max(3, calls // 10), rounds)
+                remote = median_ms(functools.partial(ident.forward, t), max(3, calls // 10), rounds)
+                local = median_ms(functools.partial(round_trip, t), max(3, calls // 10), rounds)
                 rows.append({"measure": f"Forward {mib} MiB round trip", "remote_ms": remote,
                              "local_ms": local, "ratio": remote / local})
             X, Y = torch.randn(20_000, 784), torch.randint(0, 10, (20_000,))
-            spec = [{"type": "Linear", "in_features": 784, "out_features": 256},
+            spec: list[dict[str, Any]] = [{"type": "Linear", "in_features": 784, "out_features": 256},
                     {"type": "ReLU"}, {"type": "Linear", "in_features": 256, "out_features": 10}]
             m = client.create_model(layers=spec, loss="cross_entropy",
                                     optimizer={"type": "sgd", "lr": 0.1}, seed=0)
