@@ -46,6 +46,18 @@ class CheckpointResult:
 
 
 @dataclass
+class ServerInfo:
+    """What GetServerInfo answers: versions, and the devices the server computes on."""
+
+    version: str
+    torch_version: str
+    world_size: int = 1
+    backend: str = ""
+    devices: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RestoreResult:
     """What start-up restored: models and datasets, and the files moved to quarantine/."""
 
@@ -66,6 +78,7 @@ class Core:
                                    max_call=limits.max_compute_bytes)
         estimate.warm_up()
         self.parallel = parallel
+        self.info = ServerInfo("unknown", torch.__version__, parallel.world, "", [str(device)])
         self.models = ModelStore(device, limits, hooks, self.budget, parallel)
         self.trainer = Trainer(limits, hooks)
         self.checkpoints = CheckpointStore(state_dir, hooks)
