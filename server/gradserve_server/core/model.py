@@ -683,6 +683,11 @@ class Model:
         raise NotFound(f"forward_id {forward_id!r}: no retained graph with this id on model "
                        f"{self.id!r} (each graph is consumed by one Backward)")
 
+    @property
+    def graph_ids(self) -> list[str]:
+        """Ids of the retained graphs, oldest first."""
+        return list(self._graphs)
+
     def drop_graphs(self) -> None:
         self._graphs.clear()
         self.budget.release("graphs", self._graph_bytes)
@@ -740,6 +745,7 @@ class Model:
             copies += graph.nbytes + (nbytes_of(graph.outputs) if return_output else 0)
             held.enter_context(self.reserve_call(copies, "Backward(forward_id)"))
             shapes = graph.shapes
+            tensors: list[torch.Tensor | None]
             if grad_outputs:
                 if len(grad_outputs) != len(shapes):
                     raise InvalidArgument(
@@ -759,7 +765,8 @@ class Model:
             else:
                 kind, tensors = "loss", [target]
             # Split as the forward was: each rank backpropagates its own shard's graph.
-            work = Work(BACKWARD, {**args, "kind": kind}, tensors, graph.sizes, graph)
+            work = Work(BACKWARD, {**args, "kind": kind, "forward_id": forward_id}, tensors,
+                        graph.sizes, graph)
         else:
             if grad_output is not None:
                 raise InvalidArgument("grad_output: only valid with forward_id")

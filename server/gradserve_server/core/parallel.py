@@ -107,8 +107,8 @@ class Parallel(Protocol):
     def sync_buffers(self, model: Model, work: Work) -> None:
         """Buffers (BatchNorm statistics) become rank 0's after a training-mode forward."""
 
-    def broadcast(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Rank 0's tensors on every rank (whole, not split)."""
+    def broadcast(self, work: Work) -> list[torch.Tensor | None]:
+        """Rank 0's work.tensors on every rank (whole, not split)."""
 
 
 class Local:
@@ -151,8 +151,8 @@ class Local:
     def sync_buffers(self, model: Model, work: Work) -> None:
         pass
 
-    def broadcast(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        return list(tensors)
+    def broadcast(self, work: Work) -> list[torch.Tensor | None]:
+        return work.tensors
 
 
 _NO_GUARD = contextlib.nullcontext()
@@ -214,6 +214,10 @@ def _backward(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | Non
         raise InvalidArgument(f"backward failed: {exc}") from None
 
 
+def _present(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    return [t for t in tensors if t is not None]  # inputs are never None
+
+
 def _input_grads(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [x.grad if x.grad is not None else torch.zeros_like(x) for x in xs]
 
@@ -238,7 +242,7 @@ def fused(model: Model, par: Parallel, work: Work) -> Computed:
     wanted: list[torch.Tensor] = []
     with par.guard() as guard:
         model.set_mode(False)
-        xs = model.prepare_inputs(parts[:n_in], requires_grad=a["input_grads"])
+        xs = model.prepare_inputs(_present(parts[:n_in]), requires_grad=a["input_grads"])
         y = model.prepare_target(parts[n_in])
         wanted = [x for x in xs if x.requires_grad] if a["input_grads"] else []
         if active:
@@ -281,7 +285,7 @@ def forward(model: Model, par: Parallel, work: Work) -> Computed:
     xs: list[torch.Tensor] = []
     with par.guard() as guard:
         model.set_mode(a["eval"])
-        xs = model.prepare_inputs(parts, requires_grad=bool(a["retain"]))
+        xs = model.prepare_inputs(_present(parts), requires_grad=bool(a["retain"]))
         if active:
             if a["retain"]:
                 saved = work.local
@@ -393,7 +397,7 @@ def zero_grad(model: Model, par: Parallel, work: Work) -> Computed:
 
 def assign(model: Model, par: Parallel, work: Work) -> Computed:
     """SetParameters: rank 0's values into parameters/buffers on every rank. args: names."""
-    values = par.broadcast(work.tensors)
+    values = par.broadcast(work)
     with par.guard() as guard:
         model._assign(dict(zip(work.args["names"], values)), work.args["what"])  # type: ignore[arg-type]
     par.agree(guard, ())
