@@ -90,19 +90,25 @@ class Parallel(Protocol):
     def guard(self) -> contextlib.AbstractContextManager[Any]:
         """Local work whose error the next agree/reduce_grads raises on every rank."""
 
+    def weight(self, work: Work) -> float:
+        """This rank's share of a mean loss (its shard's terms over the batch's; 1: one rank)."""
+
     def agree(self, guard: Any, values: Sequence[float]) -> list[tuple[float, ...]]:
         """Every rank's values, in rank order; raises everywhere if any rank's guard failed."""
 
     def stash_grads(self, model: Model) -> Any:
         """Set the gradients aside so that backward leaves only this call's contribution."""
 
-    def reduce_grads(self, model: Model, guard: Any, stash: Any, work: Work) -> None:
-        """Sum every rank's contribution into the gradients (plus what was stashed)."""
+    def reduce_grads(self, model: Model, guard: Any, stash: Any, work: Work, loss: float,
+                     finite_only: bool) -> float:
+        """Sum every rank's contribution into the gradients (plus what was stashed), and the
+        ranks' weighted losses into the batch's loss, which it returns. Raises everywhere if
+        any rank's guard failed. finite_only: a loss that is not finite keeps the gradients as
+        they were (one process does not backpropagate it at all)."""
 
-    def gather(self, tensors: Sequence[torch.Tensor | None], work: Work, nbytes: int
+    def gather(self, tensors: Sequence[torch.Tensor | None], work: Work
                ) -> list[torch.Tensor]:
-        """Every rank's rows of each tensor, concatenated in rank (batch) order, on rank 0.
-        nbytes: the largest of the ranks' tensors' bytes together (from agree)."""
+        """Every rank's rows of each tensor, concatenated in rank (batch) order, on rank 0."""
 
     def sync_buffers(self, model: Model, work: Work) -> None:
         """Buffers (BatchNorm statistics) become rank 0's after a training-mode forward."""
@@ -135,16 +141,20 @@ class Local:
     def guard(self) -> contextlib.AbstractContextManager[Any]:
         return _NO_GUARD  # errors propagate where they happen
 
+    def weight(self, work: Work) -> float:
+        return 1.0
+
     def agree(self, guard: Any, values: Sequence[float]) -> list[tuple[float, ...]]:
         return [tuple(values)]
 
     def stash_grads(self, model: Model) -> Any:
         return None  # autograd accumulates into .grad itself
 
-    def reduce_grads(self, model: Model, guard: Any, stash: Any, work: Work) -> None:
-        pass
+    def reduce_grads(self, model: Model, guard: Any, stash: Any, work: Work, loss: float,
+                     finite_only: bool) -> float:
+        return loss
 
-    def gather(self, tensors: Sequence[torch.Tensor | None], work: Work, nbytes: int
+    def gather(self, tensors: Sequence[torch.Tensor | None], work: Work
                ) -> list[torch.Tensor]:
         return list(tensors)  # type: ignore[arg-type]
 
@@ -181,27 +191,20 @@ def offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def weights(rows: Sequence[tuple[float, ...]], reduction: str) -> tuple[list[float], float]:
-    """Each rank's loss weight and the global loss, from every rank's (loss, count, ...).
+def shard_weights(counts: Sequence[int], reduction: str) -> list[float]:
+    """Each rank's loss weight from the terms (Loss.count) of its shard of the batch.
 
-    A mean over the whole batch is the mean of the shard means weighted by the share of the
-    terms each shard has (count: rows, or targets that are not ignore_index), so that the
-    summed gradients equal the gradient of the single-process loss; a sum needs no weights.
-    One rank: weight 1 and its own loss, bit for bit.
+    A mean over the whole batch is the mean of the shard means weighted by each shard's share
+    of the terms (rows, or targets that are not ignore_index), so that the summed gradients
+    are the gradient of the single-process loss; a sum needs no weights. No terms at all:
+    NaN, as one process computes it.
     """
-    if len(rows) == 1:
-        return [1.0], rows[0][0]
     if reduction != "mean":
-        return [1.0] * len(rows), math.fsum(r[0] for r in rows)
-    total = math.fsum(r[1] for r in rows)
-    if total == 0:  # nothing to average over: NaN, as one process computes it
-        return [math.nan] * len(rows), math.nan
-    ws = [r[1] / total for r in rows]
-    return ws, math.fsum(w * r[0] for w, r in zip(ws, rows) if r[1] > 0)
-
-
-def _bytes(tensors: Sequence[torch.Tensor | None]) -> float:
-    return float(sum(t.numel() * t.element_size() for t in tensors if t is not None))
+        return [1.0 if c else 0.0 for c in counts]
+    total = sum(counts)
+    if total == 0:
+        return [math.nan if c else 0.0 for c in counts]
+    return [c / total for c in counts]
 
 
 def _backward(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None) -> None:
@@ -212,6 +215,11 @@ def _backward(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | Non
         torch.autograd.backward(roots, grads)
     except RuntimeError as exc:
         raise InvalidArgument(f"backward failed: {exc}") from None
+
+
+def _share(value: float, weight: float) -> float:
+    """A rank's part of the batch's loss (a shard without terms adds nothing, not its NaN)."""
+    return value if weight == 1.0 else 0.0 if weight == 0 else value * weight
 
 
 def _present(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -229,16 +237,17 @@ def fused(model: Model, par: Parallel, work: Work) -> Computed:
 
     args: inputs (how many of tensors are inputs; the next is the target), input_grads,
     output (gather the outputs), divide (accumulation: backward of loss / divide), finite_only
-    (no backward when the global loss is not finite), timed (forward/backward phases).
+    (no gradients from a batch whose loss is not finite), timed (forward/backward phases).
     """
     a = work.args
     parts = par.scatter(work)
     n_in = a["inputs"]
     active = par.active(work)
+    weight = par.weight(work)
+    stash = par.stash_grads(model)
     outs: list[torch.Tensor] = []
     xs: list[torch.Tensor] = []
-    loss: torch.Tensor | None = None
-    value = count = 0.0
+    value = 0.0
     wanted: list[torch.Tensor] = []
     with par.guard() as guard:
         model.set_mode(False)
@@ -250,27 +259,23 @@ def fused(model: Model, par: Parallel, work: Work) -> Computed:
             outs = model.run_outputs(xs)
             if a["timed"]:
                 model._timed("forward", start)
+                start = time.perf_counter()
             loss = model.loss_fn(outs[model.main_output], y)
             value = loss.item()
-            if par.world > 1:
-                count = float(model.loss_fn.count(outs[model.main_output], y))
-    rows = par.agree(guard, (value, count, _bytes(outs) * a["output"] + _bytes(wanted)))
-    ws, total = weights(rows, model.loss_fn.reduction)
-    weight = ws[par.rank]
-    if a["finite_only"] and not math.isfinite(total):
-        return Computed(loss=total)
-    par.sync_buffers(model, work)
-    stash = par.stash_grads(model)
-    with par.guard() as guard:
-        if active and loss is not None and weight != 0:
-            start = time.perf_counter()
-            root = loss if weight == 1.0 else loss * weight
-            _backward([root / a["divide"] if a["divide"] > 1 else root], None)
+            # One process never backpropagates a loss that is not finite (finite_only); in a
+            # group only the sum tells, so reduce_grads drops the gradients afterwards.
+            if weight != 0 and (par.world > 1 or not a["finite_only"] or math.isfinite(value)):
+                root = loss if weight == 1.0 else loss * weight
+                _backward([root / a["divide"] if a["divide"] > 1 else root], None)
             if a["timed"]:
                 model._timed("backward", start)
-    par.reduce_grads(model, guard, stash, work)
+    par.sync_buffers(model, work)
+    total = par.reduce_grads(model, guard, stash, work, _share(value, weight),
+                             a["finite_only"])
+    if a["finite_only"] and not math.isfinite(total):
+        return Computed(loss=total)
     shown = outs if a["output"] else []
-    got = par.gather([*shown, *_input_grads(wanted)], work, int(max(r[2] for r in rows)))
+    got = par.gather([*shown, *_input_grads(wanted)], work)
     return Computed(loss=total, outputs=got[:len(shown)], input_grads=got[len(shown):],
                     local_outputs=outs, local_inputs=xs)
 
@@ -296,10 +301,10 @@ def forward(model: Model, par: Parallel, work: Work) -> Computed:
             else:
                 with torch.no_grad():
                     outs = model.run_outputs(xs)
-    rows = par.agree(guard, (_bytes(outs),))
+    par.agree(guard, ())
     if not a["eval"]:
         par.sync_buffers(model, work)
-    got = par.gather(outs, work, int(max(r[0] for r in rows)))
+    got = par.gather(outs, work)
     return Computed(outputs=got, local_outputs=outs, local_inputs=xs)
 
 
@@ -314,16 +319,19 @@ def backward(model: Model, par: Parallel, work: Work) -> Computed:
     graph = work.local
     active = graph is not None
     kind = a["kind"]
-    roots: list[torch.Tensor] = []
-    grads: list[torch.Tensor] | None = None
-    loss: torch.Tensor | None = None
-    value = count = 0.0
+    weight = par.weight(work) if kind == "loss" else 1.0
+    stash = par.stash_grads(model)
+    value = 0.0
     wanted: list[torch.Tensor] = []
+    shown: list[torch.Tensor] = []
     start = time.perf_counter()
     with par.guard() as guard:
         if active:
             out = graph.output
-            wanted = ([x for x in graph.inputs if x.requires_grad] if a["input_grads"] else [])
+            wanted = [x for x in graph.inputs if x.requires_grad] if a["input_grads"] else []
+            shown = list(graph.outputs) if a["output"] else []
+            roots: list[torch.Tensor] = []
+            grads: list[torch.Tensor] | None = None
             if kind == "grad_outputs":
                 grads = []
                 for o, g in zip(graph.outputs, parts):
@@ -335,29 +343,17 @@ def backward(model: Model, par: Parallel, work: Work) -> Computed:
                 assert g is not None
                 roots, grads = [out], [g.to(out.dtype)]
             else:
-                y = model.prepare_target(parts[0])
-                loss = model.loss_fn(out, y)
+                loss = model.loss_fn(out, model.prepare_target(parts[0]))
                 value = float(loss.detach())
-                if par.world > 1:
-                    count = float(model.loss_fn.count(out, y))
-    shown = list(graph.outputs) if active and a["output"] else []
-    rows = par.agree(guard, (value, count, _bytes(shown) + _bytes(wanted)))
-    total: float | None = None
-    weight = 1.0
-    if kind == "loss":
-        ws, total = weights(rows, model.loss_fn.reduction)
-        weight = ws[par.rank]
-        if loss is not None:
-            roots = [loss if weight == 1.0 else loss * weight]
-    stash = par.stash_grads(model)
-    with par.guard() as guard:
-        if active and weight != 0:
-            _backward(roots, grads)
-    par.reduce_grads(model, guard, stash, work)
+                roots = [loss if weight == 1.0 else loss * weight]
+            if weight != 0:
+                _backward(roots, grads)
+    total = par.reduce_grads(model, guard, stash, work, _share(value, weight), False)
     if a["timed"]:
         model._timed("backward", start)
-    got = par.gather([*shown, *_input_grads(wanted)], work, int(max(r[2] for r in rows)))
-    return Computed(loss=total, outputs=got[:len(shown)], input_grads=got[len(shown):])
+    got = par.gather([*shown, *_input_grads(wanted)], work)
+    return Computed(loss=total if kind == "loss" else None, outputs=got[:len(shown)],
+                    input_grads=got[len(shown):])
 
 
 def optimizer_step(model: Model, par: Parallel, work: Work) -> Computed:
