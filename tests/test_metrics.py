@@ -53,6 +53,7 @@ EXPECTED: dict[str, tuple[str, set[str]]] = {
     "gradserve_memory_budget_limit_bytes": ("gauge", set()),
     "gradserve_device_memory_bytes": ("gauge", {"device", "kind"}),
     "gradserve_build_info": ("gauge", {"version", "torch"}),
+    "gradserve_world_size": ("gauge", set()),
     # the default process collectors
     "process_cpu_seconds": ("counter", set()),
     "process_resident_memory_bytes": ("gauge", set()),
