@@ -37,10 +37,12 @@ def assert_close(got: Any, want: Any, what: str = "") -> None:
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["world2", "world3"])
-def group(request: pytest.FixtureRequest) -> Iterator[TorchrunServer]:
+def group(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[TorchrunServer]:
     from conftest import free_port
 
-    server = TorchrunServer(request.param, "--dist-verify", "1",
+    state = tmp_path_factory.mktemp(f"state{request.param}")
+    server = TorchrunServer(request.param, "--dist-verify", "1", "--state-dir", str(state),
                             env={"GRADSERVE_METRICS_PORT": str(free_port())})
     try:
         server.serving()
@@ -96,6 +98,16 @@ def local_train(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: Any, x: tor
                 micro = 0
         means.append(math.fsum(losses) / len(losses))
     return means
+
+
+def verified_ops(group: TorchrunServer, model_id: str, wanted: set[str]) -> set[str]:
+    """The ops --dist-verify compared for model_id, waiting a little for the log to arrive."""
+    deadline = time.monotonic() + 20
+    while True:
+        ops = {r["op"] for r in group.records("replicas identical") if r["model"] == model_id}
+        if wanted <= ops or time.monotonic() > deadline:
+            return ops
+        time.sleep(0.1)
 
 
 def assert_params(model: Any, net: nn.Module) -> None:
@@ -194,6 +206,24 @@ def test_accumulation_clipping_and_a_schedule(client: Client) -> None:
                  "epoch losses")
     assert_params(m, net)
     m.delete()
+
+
+def test_a_dataset_trains_like_one_process(client: Client) -> None:
+    """Rank 0 holds the uploaded dataset and sends each rank its shard of every batch."""
+    torch.manual_seed(31)
+    x, y = torch.randn(90, 6), torch.randn(90, 2)
+    info = client.upload_dataset(x, y)
+    m = client.create_model(layers=[{"type": "Linear", "in_features": 6, "out_features": 2}],
+                            loss="huber", optimizer={"type": "rmsprop", "lr": 0.01}, seed=3)
+    net = local_copy(m, nn.Sequential(nn.Linear(6, 2)))
+    want = local_train(net, torch.optim.RMSprop(net.parameters(), lr=0.01), nn.HuberLoss(), x,
+                       y, epochs=2, bs=16, shuffle=True, seed=2)
+    history = m.fit(dataset=info.dataset_id, epochs=2, batch_size=16, shuffle=True, seed=2)
+    assert_close([e.epoch_loss for e in history.events if e.kind == "epoch_end"], want,
+                 "epoch losses")
+    assert_params(m, net)
+    m.delete()
+    client.delete_dataset(info.dataset_id)
 
 
 def test_an_objective_model_is_bit_identical(client: Client) -> None:
@@ -325,10 +355,19 @@ def test_forward_set_parameters_and_checkpoints_keep_the_replicas_identical(
     m.step()
     list(m.train_stream([(x, torch.randn(12, 3))]))
     m.fit(x, torch.randn(12, 3), epochs=1, batch_size=6)
-    verified = {r["op"] for r in group.records("replicas identical") if r["model"] == m.id}
-    assert {"publish", "assign", "forward", "fused", "zero_grad", "backward",
-            "step"} <= verified
+    wanted = {"publish", "assign", "forward", "fused", "zero_grad", "backward", "step"}
+    assert wanted <= verified_ops(group, m.id, wanted)
+    # a checkpoint written by rank 0 loads into a new model that every rank builds
+    m.save_checkpoint(name=f"{m.id}-snap")
+    copy = client.load_checkpoint(f"{m.id}-snap", model_id=f"{m.id}-copy")
+    assert "publish" in verified_ops(group, copy.id, {"publish"})
+    for name, value in m.parameters(buffers=True).items():
+        assert torch.equal(torch.as_tensor(copy.parameters(buffers=True)[name]),
+                           torch.as_tensor(value)), name
+    copy.backward(x, torch.randn(12, 3), step=True)  # the copy trains on every rank
     assert not group.records("distributed group broken")
+    copy.delete()
+    client.delete_checkpoint(f"{m.id}-snap")
     m.delete()
 
 
@@ -459,17 +498,31 @@ def test_a_killed_worker_aborts_the_run_naming_it_and_the_group_comes_back(
 
 def test_sigterm_to_the_agent_drains_checkpoints_once_and_every_rank_exits_0(
         torchrun_server: Any, tmp_path: Any) -> None:
+    """torchrun forwards SIGTERM to every rank; a Train in progress ends at a step boundary."""
     import signal
 
     server = torchrun_server(2, "--state-dir", str(tmp_path))
     server.serving()
-    with Client(server.address, timeout=60) as client:
-        m = client.create_model(layers=[{"type": "Linear", "in_features": 2,
-                                          "out_features": 1}],
-                                loss="mse", optimizer="sgd", seed=1, model_id="kept")
-        m.fit(torch.randn(40, 2), torch.randn(40, 1), epochs=1, batch_size=8)
+    client = Client(server.address, timeout=60)
+    m = client.create_model(layers=[{"type": "Linear", "in_features": 2, "out_features": 1}],
+                            loss="mse", optimizer="sgd", seed=1, model_id="kept")
+    events: list[Any] = []
+    progressed = threading.Event()
+
+    def run() -> None:
+        for event in m.train(torch.randn(40, 2), torch.randn(40, 1), epochs=100000,
+                             batch_size=8, log_every_steps=5):
+            events.append(event)
+            progressed.set()
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    assert progressed.wait(60)
     server.proc.send_signal(signal.SIGTERM)
     server.wait(90)
+    runner.join(30)
+    assert events[-1].kind == "done" and events[-1].summary.stop_reason == "shutdown"
+    client.close()
     text = "".join(server.lines)
     assert "checkpointed 1 model(s)" in text and text.count("checkpointed ") == 1
     stopped = server.records("rank stopped")
