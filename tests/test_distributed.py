@@ -113,7 +113,7 @@ def verified_ops(group: TorchrunServer, model_id: str, wanted: set[str]) -> set[
 def assert_params(model: Any, net: nn.Module) -> None:
     remote = model.parameters()
     for name, p in net.named_parameters():
-        assert_close(remote[name], p.detach(), name)
+        assert_close(remote[name], p.detach().cpu(), name)
 
 
 # ------------------------------------------------------------------------------ the group itself
@@ -143,6 +143,37 @@ def test_metrics_show_the_world_size_and_communication(group: TorchrunServer,
         f'gradserve_step_duration_seconds_count{{model="{m.id}",phase="communication"}}'))
     assert float(line.split()[-1]) >= 2  # the Backward's and the Step's collectives
     m.delete()
+
+
+@pytest.mark.parametrize("backend", [
+    "gloo", pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="nccl needs a CUDA device")])])
+def test_one_process_with_a_named_backend_is_a_group_of_one(torchrun_server: Any,
+                                                            backend: str) -> None:
+    """A machine with one GPU checks nccl: --dist-backend named, torchrun's one process forms a
+    group and every call goes through the driver and its collectives."""
+    device = "cuda" if backend == "nccl" else "cpu"
+    server = torchrun_server(1, "--dist-backend", backend, "--device", device,
+                             "--dist-verify", "1")
+    server.serving()
+    assert server.records("distributed group formed")[-1]["world_size"] == 1
+    with Client(server.address, timeout=120) as c:
+        info = c.server_info()
+        assert (info.world_size, info.backend) == (1, backend)
+        assert info.devices[0].startswith(device)
+        m = c.create_model(layers=[{"type": "Linear", "in_features": 3, "out_features": 2}],
+                           loss="mse", optimizer={"type": "sgd", "lr": 0.1}, seed=4)
+        net = local_copy(m, nn.Sequential(nn.Linear(3, 2))).to(device)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        x, y = torch.randn(8, 3), torch.randn(8, 2)
+        for _ in range(3):
+            r = m.backward(x, y, step=True)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(net(x.to(device)), y.to(device))
+            loss.backward()
+            opt.step()
+            assert r.loss == loss.item()
+        assert_params(m, net)
 
 
 # ------------------------------------------------------------------------------ parity: Train

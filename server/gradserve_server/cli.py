@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .dist.launch import TorchrunEnv
 
-        env = TorchrunEnv.from_environ(os.environ)
-        if env is not None:  # torchrun with WORLD_SIZE > 1: one server made of a group
+        env = TorchrunEnv.from_environ(os.environ, one=settings.dist_backend != "auto")
+        if env is not None:  # torchrun with WORLD_SIZE > 1 (or a backend named): a group
             from .dist.launch import follow, start_group, tag_logs
 
             tag_logs(env.rank)

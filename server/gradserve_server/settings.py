@@ -128,7 +128,8 @@ class Settings:
                                  "survive restarts (0: memory only)", min=0, max=1)
     # distributed (under torchrun with WORLD_SIZE > 1; docs/scaling.md)
     dist_backend: str = _opt("auto", "torch.distributed backend of a torchrun group: auto (nccl "
-                             "on CUDA, else gloo), gloo or nccl",
+                             "on CUDA, else gloo), gloo or nccl; named, even torchrun with one process "
+                             "forms a group (to check the backend on one device)",
                              choices=("auto", "gloo", "nccl"))
     dist_timeout_seconds: float = _opt(
         20.0, "longest wait of any collective for the other ranks (also the group's start); a "

@@ -45,14 +45,17 @@ class TorchrunEnv:
     agent_store: bool  # torchrun's agent hosts the store (else rank 0 does)
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> TorchrunEnv | None:
-        """None without a group of two or more (a plain start, or torchrun with one process)."""
+    def from_environ(cls, environ: Mapping[str, str], one: bool = False) -> TorchrunEnv | None:
+        """None without a group of two or more (a plain start, or torchrun with one process).
+
+        one: torchrun with one process forms a group of one too (--dist-backend named rather
+        than auto: checks a backend, e.g. nccl on a machine with one GPU)."""
         try:
             world = int(environ.get("WORLD_SIZE", "1"))
         except ValueError:
             raise StartupError(f"WORLD_SIZE={environ.get('WORLD_SIZE')!r}: expected an "
                                "integer (set by torchrun)") from None
-        if world <= 1:
+        if world < 1 or (world == 1 and not (one and "RANK" in environ)):
             return None
         missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
                    if not environ.get(k)]
