@@ -31,7 +31,7 @@ pip install "${pip_args[@]}" grpcio grpcio-health-checking grpcio-reflection pro
 
 step "gpu tests"
 python -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/test_model_rng.py \
-    tests/test_metrics.py tests/test_distributed.py 2>&1 | tee "$out/tests.log" | tail -25
+    tests/test_metrics.py tests/test_fast_paths.py tests/test_distributed.py 2>&1 | tee "$out/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed=$((failed + 1))
 
 step "benchmark"
