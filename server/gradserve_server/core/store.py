@@ -54,6 +54,9 @@ class ModelStore:
     def put(self, model: Model) -> None:
         """Insert or replace a fully built model (checkpoint restore)."""
         with self._lock:
+            if model.id in self._reserved:  # a CreateModel of this id is building its model
+                raise AlreadyExists(f"model_id: a model {model.id!r} is being created; delete it "
+                                    "once it exists, or choose another id")
             old = self._models.get(model.id)
             if old is None and len(self._models) >= self.limits.max_models:
                 raise ResourceExhausted(f"the server holds {len(self._models)} models; the limit "
