@@ -19,9 +19,22 @@ from test_fuzz import register_profiles  # noqa: E402 - before --hypothesis-prof
 register_profiles()
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# Incidents (INTERNAL answers) each child server logged, appended when it is stopped: what
-# scripts/hostile_census.py reports besides the in-process servers' own log records.
+# Incidents (INTERNAL answers) each child server logged, and its RSS in bytes when it was ready
+# and when it was stopped, appended when it is stopped: what scripts/hostile_census.py reports
+# besides the in-process servers' own log records.
 CHILD_INCIDENTS: list[int] = []
+CHILD_RSS: list[tuple[int, int]] = []
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def require_tool(ok: bool, what: str) -> None:
@@ -95,6 +108,7 @@ class ServerProcess:
         else:
             raise RuntimeError("server did not report its port")
         self.address = f"127.0.0.1:{self.port}"
+        self.rss_ready = _rss(self.proc.pid)
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -107,6 +121,7 @@ class ServerProcess:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            CHILD_RSS.append((self.rss_ready, _rss(self.proc.pid)))
             self.proc.kill()
             self.proc.wait(10)
         if self.proc.stderr is not None and not self.proc.stderr.closed:

@@ -378,7 +378,7 @@ def _stub(address: str) -> Any:
         ("grpc.max_send_message_length", 256 * MIB)]))
 
 
-@pytest.mark.hostile("memory")
+@pytest.mark.hostile("memory", inputs=41)
 def test_client_sends_megabyte_request_ids(shared: Guarded) -> None:
     """Each remembered id was charged 256 bytes whatever its length: 100 ZeroGrad calls with
     4 MiB ids held 400 MiB outside the budget (and a checkpoint header too large to read back).
@@ -405,7 +405,7 @@ def test_client_sends_megabyte_request_ids(shared: Guarded) -> None:
     _others_still_served(server)
 
 
-@pytest.mark.hostile("memory")
+@pytest.mark.hostile("memory", inputs=3)
 def test_client_sends_millions_of_empty_tensors(shared: Guarded) -> None:
     """A 14 MB Forward with two million empty inputs took 1 GB and 25 s of one thread to decode
     before the input count was checked; the count is checked first now."""
@@ -454,7 +454,7 @@ def test_client_declares_a_dataset_of_a_million_empty_tensors(shared: Guarded) -
     _others_still_served(server)
 
 
-@pytest.mark.hostile("memory")
+@pytest.mark.hostile("memory", inputs=2)
 def test_client_declares_an_expression_with_a_million_parameters(shared: Guarded) -> None:
     """300,000 scalar parameters (3.6 MB): 17 s to build, 460 MB of Parameter objects charged
     1.2 MB, and 6 s per GetModel on a control thread."""
@@ -476,7 +476,7 @@ def test_client_declares_an_expression_with_a_million_parameters(shared: Guarded
     _others_still_served(server)
 
 
-@pytest.mark.hostile("memory")
+@pytest.mark.hostile("memory", inputs=3)
 def test_client_stacks_a_hundred_thousand_layers(shared: Guarded) -> None:
     """100,000 Identity layers (1.4 MB) took 7 s and 250 MB the budget never saw; an mlp plugin
     with 100,000 hidden sizes did not finish in 30 s (5000 build 10,000 modules); a layer
@@ -516,7 +516,7 @@ def test_client_trains_batches_of_one_on_millions_of_samples(shared: Guarded) ->
 # ---------------------------------------------------------------------- charges that were never given back
 
 
-@pytest.mark.hostile("races on one id")
+@pytest.mark.hostile("races on one id", inputs=60)
 def test_clients_race_create_and_load_on_one_id(make_server: Any, tmp_path: Path) -> None:
     """CreateModel and LoadCheckpoint of the same id at once: the loaded model was overwritten
     without being closed, and its parameters stayed charged to the budget for good (a budget
@@ -554,7 +554,7 @@ def test_clients_race_create_and_load_on_one_id(make_server: Any, tmp_path: Path
             assert budget.used == 0, budget.describe()
 
 
-@pytest.mark.hostile("races on one id")
+@pytest.mark.hostile("races on one id", inputs=3)
 def test_calls_queued_on_a_model_being_deleted_leave_no_charge(make_server: Any) -> None:
     """A Forward(retain_graph) or a Backward with a request id that waited for the model's lock
     while DeleteModel ran got it after the model was closed: the graph or the kept reply was

@@ -72,7 +72,7 @@ def unblock() -> Iterator[list[_Unblock]]:
         u.close()
 
 
-@pytest.mark.hostile("state dir, kills (operator)")
+@pytest.mark.hostile("state dir, kills (operator)", inputs=3)
 def test_operator_leaves_a_fifo_named_like_a_checkpoint(spawn_server: Any, tmp_path: Path,
                                                         unblock: list[Any]) -> None:
     """A FIFO named x.safetensors in the state dir: start-up blocked for ever on opening it (a
