@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -399,6 +400,100 @@ def test_token_without_shm_scope_registers_shared_memory(
         assert local._shm is not None and local._shm.enabled and local._shm.segments == 1
 
 
+@needs_memfd
+@pytest.mark.hostile("shared memory", inputs=2)
+def test_client_uses_a_region_with_another_token_on_the_same_connection(
+        make_server: Callable[..., GradServer], tmp_path: Path) -> None:
+    """A region is bound to the credential as well as the connection: another token sent on
+    the registering channel gets the answer an unknown id gets, and cannot unregister it."""
+    server = make_server(auth_token_file=_tokens(tmp_path))
+    address = f"127.0.0.1:{server.port}"
+    n = 1024
+    size, nonce = 64 + 2 * 4 * n + 64, os.urandom(16)
+    fd = sealed_memfd(size, nonce)
+    local, admin = (("authorization", "Bearer local"),), (("authorization", "Bearer admin"),)
+    try:
+        with Client(address, token="admin", shared_memory=False) as c, \
+                grpc.insecure_channel(address) as channel:
+            model_id = c.create_model(layers=[{"type": "Identity"}]).id
+            region = register_memfd(channel, fd, size, nonce, metadata=local)
+            forward = channel.unary_unary(
+                SERVICE + "Forward", request_serializer=pb.ForwardRequest.SerializeToString,
+                response_deserializer=pb.ForwardResponse.FromString)
+            request = pb.ForwardRequest(model_id=model_id, inputs=[pb.Tensor(
+                dtype=pb.DTYPE_FLOAT32, shape=[n],
+                shm=pb.SharedMemoryRef(region_id=region, offset=64, length=4 * n))],
+                shm_reply=pb.SharedMemoryRef(region_id=region, offset=64 + 4 * n,
+                                             length=4 * n))
+            error = rpc_error(lambda: forward(request, timeout=10, metadata=admin))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            unregister = channel.unary_unary(
+                SERVICE + "UnregisterSharedMemory",
+                request_serializer=pb.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=pb.UnregisterSharedMemoryResponse.FromString)
+            error = rpc_error(lambda: unregister(
+                pb.UnregisterSharedMemoryRequest(region_id=region), timeout=10, metadata=admin))
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            # the owner still uses it
+            assert list(forward(request, timeout=10, metadata=local).output.shape) == [n]
+    finally:
+        os.close(fd)
+    other_client_is_served(address, token="admin")
+
+
+@needs_memfd
+@pytest.mark.hostile("shared memory", inputs=240)
+def test_client_unregisters_a_region_while_its_calls_read_it(
+        make_server: Callable[..., GradServer]) -> None:
+    """Forwards reading and writing a region race its UnregisterSharedMemory (and calls keep
+    coming after it is gone): each call answers OK or FAILED_PRECONDITION, never INTERNAL or a
+    crash, and nothing is unmapped under a running call."""
+    server = make_server()
+    address = f"127.0.0.1:{server.port}"
+    n = 256 * 1024
+    size = 64 + 2 * 4 * n + 64
+    codes: list[grpc.StatusCode] = []
+    with Client(address, shared_memory=False) as c, grpc.insecure_channel(address) as channel:
+        model_id = c.create_model(layers=[{"type": "Identity"}]).id
+        unregister = channel.unary_unary(
+            SERVICE + "UnregisterSharedMemory",
+            request_serializer=pb.UnregisterSharedMemoryRequest.SerializeToString,
+            response_deserializer=pb.UnregisterSharedMemoryResponse.FromString)
+        for _ in range(20):
+            nonce = os.urandom(16)
+            fd = sealed_memfd(size, nonce)
+            try:
+                region = register_memfd(channel, fd, size, nonce)
+                forward = channel.unary_unary(
+                    SERVICE + "Forward", request_serializer=pb.ForwardRequest.SerializeToString,
+                    response_deserializer=pb.ForwardResponse.FromString)
+                request = pb.ForwardRequest(model_id=model_id, inputs=[pb.Tensor(
+                    dtype=pb.DTYPE_FLOAT32, shape=[n], shm=pb.SharedMemoryRef(
+                        region_id=region, offset=64, length=4 * n))],
+                    shm_reply=pb.SharedMemoryRef(region_id=region, offset=64 + 4 * n,
+                                                 length=4 * n))
+                # calls before, during and after the unregistration, all in flight at once
+                futures = [forward.future(request, timeout=20) for _ in range(5)]
+                gone = unregister.future(pb.UnregisterSharedMemoryRequest(region_id=region),
+                                         timeout=10)
+                futures += [forward.future(request, timeout=20) for _ in range(5)]
+                gone.result()
+                for future in futures:
+                    try:
+                        future.result()
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as exc:
+                        codes.append(exc.code())
+                error = rpc_error(functools.partial(forward_from_region, channel, model_id,
+                                                    region, n))
+                codes.append(error.code())
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            finally:
+                os.close(fd)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION}, codes
+    other_client_is_served(address)
+
+
 # ------------------------------------------------------------------------------------ 2. starvation
 
 
@@ -772,7 +867,7 @@ def test_burst_of_large_calls_gives_memory_back(spawn_server: Any) -> None:
     other_client_is_served(server.address)
 
 
-@pytest.mark.hostile("streams, connections, floods")
+@pytest.mark.hostile("streams, connections, floods", inputs=400)
 def test_client_floods_the_server_with_idle_connections(spawn_server: Any,
                                                       tmp_path: Path) -> None:
     """TCP connections that never speak HTTP/2 (no token needed) took every descriptor the
@@ -808,7 +903,7 @@ def test_client_floods_the_server_with_idle_connections(spawn_server: Any,
     other_client_is_served(server.address)
 
 
-@pytest.mark.hostile("streams, connections, floods")
+@pytest.mark.hostile("streams, connections, floods", inputs=100)
 def test_unauthenticated_client_fills_the_rpc_limit_with_health_watches(
         make_server: Callable[..., GradServer], tmp_path: Path) -> None:
     """Health/Watch needs no token and never ends by itself: watches up to
@@ -844,7 +939,7 @@ def test_unauthenticated_client_fills_the_rpc_limit_with_health_watches(
             ch.close()
 
 
-@pytest.mark.hostile("streams, connections, floods")
+@pytest.mark.hostile("streams, connections, floods", inputs=40)
 def test_client_fills_the_rpc_limit_with_silent_calls(make_server: Callable[..., GradServer]
                                                      ) -> None:
     """Calls opened without their request message, up to --max-concurrent-rpcs: new calls are
@@ -936,6 +1031,76 @@ def test_client_without_a_valid_token_calls_every_method(
                                                            timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
     other_client_is_served(address, token="admin")
+
+
+# The scope each GradientService method needs, written out here rather than read from the
+# server, so that a method moved to a weaker scope (or added without one) fails this test.
+NEEDS = {
+    **dict.fromkeys(("Forward", "GetModel", "ListModels", "GetParameters", "ListDatasets",
+                     "ListCheckpoints"), "read"),
+    **dict.fromkeys(("RegisterSharedMemory", "UnregisterSharedMemory"), "shm"),
+    **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
+                     "UploadDataset", "DeleteDataset"), "train"),
+    **dict.fromkeys(("CreateModel", "DeleteModel", "SaveCheckpoint", "LoadCheckpoint",
+                     "DeleteCheckpoint"), "admin"),
+}
+# token -> the scopes its line grants (a line without scopes grants all four)
+MATRIX_TOKENS = {"t-read": {"read"}, "t-train": {"train"}, "t-admin": {"admin"},
+                 "t-shm": {"shm"}, "t-read-train": {"read", "train"},
+                 "t-all": {"read", "train", "admin", "shm"}}
+
+
+def _call_code(channel: grpc.Channel, method: Any, metadata: Any) -> tuple[grpc.StatusCode, str]:
+    """The status of one call of method with an empty request (and nothing else sent)."""
+    path = SERVICE + method.name
+    try:
+        if method.client_streaming and method.server_streaming:
+            list(channel.stream_stream(path)(iter([b""]), timeout=10, metadata=metadata))
+        elif method.client_streaming:
+            channel.stream_unary(path)(iter([b""]), timeout=10, metadata=metadata)
+        elif method.server_streaming:
+            list(channel.unary_stream(path)(b"", timeout=10, metadata=metadata))
+        else:
+            channel.unary_unary(path)(b"", timeout=10, metadata=metadata)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.hostile("auth, tokens, TLS", inputs=len(METHODS) * (len(MATRIX_TOKENS) + 1))
+def test_client_calls_every_method_with_every_scope(make_server: Callable[..., GradServer],
+                                                    tmp_path: Path) -> None:
+    """Every method x every scope x with and without a token: no token is UNAUTHENTICATED;
+    a token without the method's scope is PERMISSION_DENIED naming the method and the scope;
+    a token with it reaches the method (an empty request: never UNAUTHENTICATED,
+    PERMISSION_DENIED, INTERNAL or UNKNOWN)."""
+    assert {m.name for m in METHODS} == set(NEEDS), "give every new method a scope in NEEDS"
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{t} {','.join(sorted(s))}\n" if t != "t-all" else f"{t}\n"
+                              for t, s in MATRIX_TOKENS.items()))
+    server = make_server(auth_token_file=str(tokens))
+    address = f"127.0.0.1:{server.port}"
+    wrong: list[tuple[str, str, grpc.StatusCode, str]] = []
+    with grpc.insecure_channel(address) as channel:
+        for method in METHODS:
+            code, _ = _call_code(channel, method, None)
+            if code != grpc.StatusCode.UNAUTHENTICATED:
+                wrong.append((method.name, "no token", code, ""))
+            need = NEEDS[method.name]
+            for token, scopes in MATRIX_TOKENS.items():
+                code, details = _call_code(channel, method,
+                                           (("authorization", f"Bearer {token}"),))
+                if need in scopes:
+                    ok = code not in (grpc.StatusCode.UNAUTHENTICATED,
+                                      grpc.StatusCode.PERMISSION_DENIED,
+                                      grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+                else:
+                    ok = (code == grpc.StatusCode.PERMISSION_DENIED
+                          and f"{method.name} needs scope {need!r}" in details)
+                if not ok:
+                    wrong.append((method.name, token, code, details))
+    assert not wrong, wrong
+    other_client_is_served(address, token="t-all")
 
 
 @pytest.mark.hostile("auth, tokens, TLS")
