@@ -1037,7 +1037,7 @@ def test_client_without_a_valid_token_calls_every_method(
 # server, so that a method moved to a weaker scope (or added without one) fails this test.
 NEEDS = {
     **dict.fromkeys(("Forward", "GetModel", "ListModels", "GetParameters", "ListDatasets",
-                     "ListCheckpoints"), "read"),
+                     "ListCheckpoints", "GetServerInfo"), "read"),
     **dict.fromkeys(("RegisterSharedMemory", "UnregisterSharedMemory"), "shm"),
     **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
                      "UploadDataset", "DeleteDataset"), "train"),

@@ -301,7 +301,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 # Scopes each method needs; health and reflection are not listed and stay open.
 SCOPES: dict[str, str] = {
     **dict.fromkeys(("Forward", "GetModel", "ListModels", "GetParameters", "ListDatasets",
-                     "ListCheckpoints"), "read"),
+                     "ListCheckpoints", "GetServerInfo"), "read"),
     **dict.fromkeys(("RegisterSharedMemory", "UnregisterSharedMemory"), "shm"),
     **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
                      "UploadDataset", "DeleteDataset"), "train"),
