@@ -20,6 +20,22 @@ from test_fuzz import register_profiles  # noqa: E402 - before --hypothesis-prof
 register_profiles()
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Incidents (INTERNAL answers) each child server logged, and its RSS in bytes when it was ready
+# and when it was stopped, appended when it is stopped: what scripts/hostile_census.py reports
+# besides the in-process servers' own log records.
+CHILD_INCIDENTS: list[int] = []
+CHILD_RSS: list[tuple[int, int]] = []
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def require_tool(ok: bool, what: str) -> None:
@@ -62,15 +78,23 @@ def client(server: GradServer) -> Iterator[Client]:
 class ServerProcess:
     """`python -m gradserve_server` in a child process (for signals and restarts)."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None,
+                 rlimits: dict[int, tuple[int, int]] | None = None) -> None:
         import re
+        import resource
         import subprocess
         import sys
+
+        def limit() -> None:  # in the child, before it runs the server (e.g. RLIMIT_NOFILE)
+            for which, value in (rlimits or {}).items():
+                resource.setrlimit(which, value)
 
         full_env = {**os.environ, "GRADSERVE_PORT": "0", "GRADSERVE_METRICS_PORT": "-1",
                     "GRADSERVE_LOG_FORMAT": "json", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "gradserve_server", *args],
-                                     env=full_env, stderr=subprocess.PIPE, text=True)
+                                     env=full_env, stderr=subprocess.PIPE, text=True,
+                                     # only setrlimit runs between fork and exec
+                                     preexec_fn=limit if rlimits else None)  # noqa: PLW1509
         assert self.proc.stderr is not None
         self.lines: list[str] = []
         for _ in range(200):
@@ -85,6 +109,7 @@ class ServerProcess:
         else:
             raise RuntimeError("server did not report its port")
         self.address = f"127.0.0.1:{self.port}"
+        self.rss_ready = _rss(self.proc.pid)
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -97,16 +122,22 @@ class ServerProcess:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            CHILD_RSS.append((self.rss_ready, _rss(self.proc.pid)))
             self.proc.kill()
             self.proc.wait(10)
+        if self.proc.stderr is not None and not self.proc.stderr.closed:
+            self.lines.extend(self.proc.stderr.readlines())
+            self.proc.stderr.close()
+            CHILD_INCIDENTS.append(sum("(incident " in line for line in self.lines))
 
 
 @pytest.fixture
 def spawn_server() -> Iterator[Callable[..., ServerProcess]]:
     procs: list[ServerProcess] = []
 
-    def spawn(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        proc = ServerProcess(*args, env=env)
+    def spawn(*args: str, env: dict[str, str] | None = None,
+              rlimits: dict[int, tuple[int, int]] | None = None) -> ServerProcess:
+        proc = ServerProcess(*args, env=env, rlimits=rlimits)
         procs.append(proc)
         return proc
 

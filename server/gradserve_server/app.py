@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
 import threading
 import time
 from importlib import metadata
@@ -21,7 +22,12 @@ from .core.statedir import place_scratch
 from .metrics import Metrics
 from .settings import Settings
 from .tokens import load_tokens
-from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
+from .transport.interceptors import (
+    AdmissionInterceptor,
+    AuthInterceptor,
+    ErrorInterceptor,
+    ObservabilityInterceptor,
+)
 from .transport.lanes import Lanes
 from .transport.memory import Trimmer
 from .transport.rpc import GradientService
@@ -41,6 +47,25 @@ RPC_GRACE_SHARE = 0.5
 RPC_GRACE_CAP_S = 10.0
 KEEPALIVE_S = 60  # the server pings quiet connections this often; a peer that does not answer
 KEEPALIVE_TIMEOUT_S = 20  # within this is gone, and its calls are cancelled
+# A connection that has not finished its HTTP/2 (and TLS) handshake by then is closed (gRPC's
+# default, 120 s, let silent TCP connections hold descriptors for two minutes each).
+HANDSHAKE_TIMEOUT_S = 20
+# Descriptors kept for the server's own files (checkpoints, /metrics, shared-memory lookups,
+# torch) when --max-connections is 0: an eighth of the limit, at least this many.
+FD_RESERVE = 64
+# Room above --max-concurrent-rpcs in gRPC's own limit: health Checks, which AdmissionInterceptor
+# never refuses, and calls it refuses (they end at once).
+CHECK_HEADROOM = 1000
+
+
+def connection_cap(configured: int) -> int | None:
+    """--max-connections, or the descriptor limit less what the server keeps for its files."""
+    if configured:
+        return configured
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - max(FD_RESERVE, soft // 8))
 
 
 def rpc_grace(grace: float) -> float:
@@ -142,7 +167,8 @@ class GradServer:
         observability = ObservabilityInterceptor(self.metrics)
         self._observability = observability
         self.trimmer = Trimmer(self.lanes.control.submit)
-        interceptors: list[grpc.aio.ServerInterceptor] = [observability]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            observability, AdmissionInterceptor(settings.max_concurrent_rpcs)]
         if settings.auth_token_file:
             interceptors.append(AuthInterceptor(load_tokens(settings.auth_token_file)))
         interceptors.append(ErrorInterceptor())
@@ -164,13 +190,20 @@ class GradServer:
             # ping quiet connections: a vanished client's streams are cancelled, not kept
             ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_S * 1000),
         ]
+        self.max_connections = connection_cap(settings.max_connections)
+        if self.max_connections is not None:
+            # Connections past it wait in the kernel's accept queue: the descriptors they would
+            # take stay free for checkpoints, /metrics and the drain.
+            options.append(("grpc.max_allowed_incoming_connections", self.max_connections))
         service = GradientService(self.core, self.shm, self.lanes, self.watch)
         idle = settings.stream_idle_seconds
         self.transport = AioServer(
             options=options, interceptors=interceptors, observability=observability,
             lanes=self.lanes, watch=self.watch,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs, add_services=service.add_to,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs + CHECK_HEADROOM,
+            add_services=service.add_to,
             service_names=(SERVICE,), housekeeping=self._housekeeping,
             housekeeping_s=min(1.0, idle / 4) if idle > 0 else 1.0)
         address = f"{settings.host}:{settings.port}"
@@ -232,7 +265,8 @@ class GradServer:
             "metrics_host": self.metrics_host if self.metrics_port >= 0 else "",
             "device": str(self.device), "tls": bool(self.settings.tls_cert),
             "auth": bool(self.settings.auth_token_file),
-            "memory_budget": self.core.describe_budget()}})
+            "memory_budget": self.core.describe_budget(),
+            "max_connections": self.max_connections or "none"}})
         self._warn()
 
     def _warn(self) -> None:

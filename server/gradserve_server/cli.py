@@ -37,6 +37,21 @@ def tune_malloc(settings: Settings) -> None:
         tuning.tune_malloc(arenas=1)
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the default soft 1024 is a few hundred clients
+    (each connection is a descriptor; --max-connections is derived from this limit)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # e.g. a hard limit above the kernel's nr_open: keep the soft one
+
+
 def refuse(exc: Exception) -> int:
     """One line on stderr, exit status 1: the server cannot start as configured."""
     print(f"gradserve-server: {exc}", file=sys.stderr)
@@ -49,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     from .app import build_server  # imports torch: after quiet_openmp
     tune_malloc(settings)
+    raise_fd_limit()
     group = None
     try:
         from .dist.launch import TorchrunEnv

@@ -105,8 +105,13 @@ class Settings:
         120.0, "a stream that waits this long for its client (no message in, or no reply read) "
         "ends with DEADLINE_EXCEEDED; 0: never", min=0)
     max_concurrent_rpcs: int = _opt(
-        10000, "open RPCs of every kind together; beyond it new calls get RESOURCE_EXHAUSTED",
+        10000, "open RPCs of every kind together (health Watch streams at most a tenth of "
+        "them); beyond it new calls get RESOURCE_EXHAUSTED; health Check always answers",
         min=1)
+    max_connections: int = _opt(
+        0, "client connections held at once; beyond it new ones wait in the kernel's queue "
+        "(0: the descriptor limit less an eighth, at least 64, kept for the server's own files)",
+        min=0)
     max_streams_per_connection: int = _opt(
         1000, "concurrent RPCs on one client connection (HTTP/2 max concurrent streams); "
         "the client queues the rest", min=1)

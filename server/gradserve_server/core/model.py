@@ -384,10 +384,18 @@ class Model:
 
     # ------------------------------------------------------------------ request plumbing
 
+    def check_alive(self) -> None:
+        """NotFound once the model was deleted or replaced (caller holds the lock): a call that
+        waited for the lock while DeleteModel closed the model must not charge it anything."""
+        if self.deleted.is_set():
+            raise NotFound(f"model_id: model {self.id!r} was deleted or replaced while this call "
+                           "waited for it")
+
     @contextmanager
     def mutating(self) -> Iterator[None]:
         """Hold the lock for a state-changing call; refuse while a Train run owns the model."""
         with self.lock:
+            self.check_alive()
             if self.training_run is not None:
                 raise FailedPrecondition(
                     f"model {self.id!r} is training (run {self.training_run}); cancel the run "
@@ -573,6 +581,7 @@ class Model:
                 ) -> tuple[torch.Tensor | Outputs, str]:
         start = time.perf_counter()
         with self.request_bytes(inputs, "Forward"), self.lock:
+            self.check_alive()
             self._expire_graphs()
             if retain_graph and self.training_run is not None:
                 raise FailedPrecondition(f"model {self.id!r} is training; retained forwards "

@@ -68,6 +68,9 @@ class ModelStore:
         """Insert or replace a fully built model (checkpoint restore)."""
         self._publish(model)
         with self._lock:
+            if model.id in self._reserved:  # a CreateModel of this id is building its model
+                raise AlreadyExists(f"model_id: a model {model.id!r} is being created; delete it "
+                                    "once it exists, or choose another id")
             old = self._models.get(model.id)
             if old is None and len(self._models) >= self.limits.max_models:
                 self.parallel.drop(model.id)  # the workers' replica goes with it

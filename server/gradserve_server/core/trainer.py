@@ -95,6 +95,32 @@ class StreamResult:
     skipped: bool
 
 
+class _Batches(Sequence[Any]):
+    """One epoch's batches (slices, or index tensors of the shuffled order), made one at a time.
+
+    Made as a list, batch_size 1 over 4 million samples was 2.5 GB of index views before the
+    first step, outside the memory budget.
+    """
+
+    def __init__(self, n: int, opts: TrainOptions, order: torch.Tensor | None) -> None:
+        self.size = opts.batch_size or n
+        self.n_batches = n // self.size if opts.drop_last else -(-n // self.size)
+        self.order = order
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.n_batches))]
+        if not -self.n_batches <= k < self.n_batches:
+            raise IndexError(k)
+        start = (k % self.n_batches) * self.size
+        if self.order is None:
+            return slice(start, start + self.size)
+        return self.order[start:start + self.size]
+
+
 class Trainer:
     """Runs loops, bounds how many run at once, and stops them all on shutdown."""
 
@@ -184,15 +210,12 @@ class Trainer:
             raise InvalidArgument("options: set epochs or max_steps")
         return data.num_samples
 
-    def _batches(self, n: int, opts: TrainOptions, epoch: int) -> list[slice | torch.Tensor]:
-        bs = opts.batch_size or n
-        starts = [s for s in range(0, n, bs) if not (opts.drop_last and s + bs > n)]
+    def _batches(self, n: int, opts: TrainOptions, epoch: int) -> _Batches:
         if not opts.shuffle:
-            return [slice(s, s + bs) for s in starts]
+            return _Batches(n, opts, None)
         # Wrapped into torch's seed range: seed 2**64 - 1 at epoch 1 is seed 0, not an overflow.
         seed = (opts.seed + epoch) % 2**64
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return [order[s:s + bs] for s in starts]
+        return _Batches(n, opts, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
 
     def _stop_requested(self, model: Model, cancelled: Callable[[], bool]) -> str | None:
         if self.shutdown.is_set():
@@ -227,8 +250,11 @@ class Trainer:
             n_in = len(data.inputs) if data is not None else 0
             target = batch[n_in] if len(batch) > n_in else None
             est = model.estimate_call(BACKWARD, batch[:n_in], False, target)
-            # Shuffled batches are gathered copies; the optimizer step has temporaries.
+            # Shuffled batches are gathered copies; the optimizer step has temporaries; the
+            # shuffled order is one int64 per sample.
             need = est.peak + nbytes_of(batch) + model.trainable_bytes
+            if opts.shuffle and data is not None:
+                need += 8 * data.num_samples
             if validation is not None:
                 vbatch = first(validation)
                 n_val = len(validation.inputs)
@@ -240,7 +266,7 @@ class Trainer:
              opts: TrainOptions, n: int, cancelled: Callable[[], bool],
              after_step: Callable[[Model], None] | None) -> Iterator[Event]:
         objective = data is None
-        batches_per_epoch = opts.max_steps if objective else len(self._batches(n, opts, 0))
+        batches_per_epoch = opts.max_steps if objective else len(_Batches(n, opts, None))
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
         epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
         total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
@@ -286,6 +312,7 @@ class Trainer:
             losses: list[float] = []
             batches: Sequence[Any] = (range(opts.max_steps) if objective
                                       else self._batches(n, opts, epoch))
+            last = batches_per_epoch - 1  # len(range(2**63)) would overflow
             for i, idx in enumerate(batches):
                 reason = self._stop_requested(model, cancelled)
                 if reason:
@@ -312,12 +339,12 @@ class Trainer:
                                    "or set skip_nonfinite")
                         break
                     micro += 1
-                    stepped = micro == opts.accumulation_steps or i == len(batches) - 1
+                    stepped = micro == opts.accumulation_steps or i == last
                     if stepped:
                         # The norm costs a pass over the gradients: only when an event shows it.
                         emit = (bool(opts.log_every_steps)
                                 and (steps + 1) % opts.log_every_steps == 0
-                                ) or i == len(batches) - 1 or steps + 1 == opts.max_steps
+                                ) or i == last or steps + 1 == opts.max_steps
                         grad_norm, lr = self._apply_step(model, sched, opts.clip_grad_norm, emit)
                         micro = 0
                         steps += 1

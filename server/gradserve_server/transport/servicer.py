@@ -182,10 +182,8 @@ class GradientServicer:
         if first.WhichOneof("message") != "header":
             raise InvalidArgument("the first UploadDataset message must be a header")
         header = first.header
-        return self.core.datasets.begin(
-            header.dataset_id,
-            [m.layout_in(t, f"header.inputs[{i}]") for i, t in enumerate(header.inputs)],
-            m.layout_in(header.target, "header.target") if header.HasField("target") else None)
+        inputs, target = m.layouts_in(header)
+        return self.core.datasets.begin(header.dataset_id, inputs, target)
 
     @staticmethod
     def UploadChunk(upload: Upload, chunk: Any) -> None:
