@@ -560,6 +560,8 @@ def test_idle_streams_of_every_kind_do_not_starve_health_or_list_models(
         heavy = c.create_model(layers=[{"type": "Linear", "in_features": 512,
                                         "out_features": 512}] * 16)
 
+        failures: list[BaseException] = []  # what the well-behaved clients met
+
         def keep_busy() -> None:
             with Client(address, timeout=120) as busy:
                 hm = busy.model(heavy.id)
@@ -567,9 +569,10 @@ def test_idle_streams_of_every_kind_do_not_starve_health_or_list_models(
                 while not stop.is_set():
                     try:
                         hm.forward(xb)
-                    except GradServeError:
+                    except GradServeError as exc:
                         if not stop.is_set():  # cut off by the teardown: expected
-                            raise
+                            failures.append(exc)
+                            return
 
         def drain(run: Any) -> None:
             with contextlib.suppress(GradServeError):
@@ -598,10 +601,13 @@ def test_idle_streams_of_every_kind_do_not_starve_health_or_list_models(
                 c.list_models()
                 latencies["list_models"].append(time.perf_counter() - t0)
                 time.sleep(0.005)
+            # Starved calls wait seconds (for a thread or an idle stream's deadline); a loaded
+            # CI machine delays a fair one by tens of milliseconds.
             p99 = {k: sorted(v)[98] for k, v in latencies.items()}
-            assert p99["health"] < 0.1 and p99["list_models"] < 0.1, (
+            assert p99["health"] < 1.0 and p99["list_models"] < 1.0, (
                 p99, {k: statistics.median(v) for k, v in latencies.items()})
             assert server.proc.poll() is None
+            assert not failures, failures  # the busy clients noticed nothing
         finally:
             stop.set()
             for r in runs:

@@ -1,7 +1,8 @@
 """Retries and deadlines, counted on a server that fails on purpose.
 
 One mechanism: `retries` is the number of attempts after the first, for calls safe to repeat
-(the methods service_config.json names, Forward without retain_graph), on UNAVAILABLE only;
+(the methods service_config.json names, Forward without retain_graph), on UNAVAILABLE and on a
+CANCELLED the client did not cause;
 `timeout` is one deadline over every attempt and the waits between them; DEADLINE_EXCEEDED is
 never retried. Both clients, the same numbers.
 """
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from gradserve import (
     AsyncClient,
+    CancelledError,
     Client,
     DeadlineExceededError,
     InternalError,
@@ -152,6 +154,20 @@ def test_retries_resend_the_same_request_id(failing: Callable[..., FailingServer
 
 
 @BOTH
+def test_a_cancelled_the_client_did_not_ask_for_is_retried(
+        failing: Callable[..., FailingServer], kind: str) -> None:
+    """A server-side CANCELLED (gRPC dropped the call; the caller cancelled nothing) is transient
+    for a call safe to repeat, like UNAVAILABLE."""
+    server = failing(code=grpc.StatusCode.CANCELLED, fail=2)
+    assert call(kind, server, lambda c: model(c).step(), retries=3) == 1
+    assert server.attempts("Step") == 3
+    server = failing(code=grpc.StatusCode.CANCELLED)
+    with pytest.raises(CancelledError):
+        call(kind, server, lambda c: c.model("m"), retries=1)
+    assert server.attempts("GetModel") == 2
+
+
+@BOTH
 def test_deadline_exceeded_is_never_retried(failing: Callable[..., FailingServer],
                                             kind: str) -> None:
     slow = failing(fail=0, delay=5.0)
@@ -203,7 +219,7 @@ def test_one_list_of_retryable_methods() -> None:
     (entry,) = [m for m in json.loads(_channel.SERVICE_CONFIG)["methodConfig"]
                 if "retryPolicy" in m]
     assert {(n["service"], n["method"]) for n in entry["name"]} == _channel.POLICY.methods
-    assert entry["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert entry["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     assert entry["retryPolicy"]["maxAttempts"] == _channel.DEFAULT_RETRIES + 1
     assert Client.__init__.__kwdefaults__["retries"] == _channel.DEFAULT_RETRIES
     options = dict(_channel.options(4))
