@@ -6,7 +6,8 @@
 
 Every goal is a ratio of two things measured in the same run, in alternating rounds where they
 can be: gradserve next to a bare gRPC echo of the same bytes, next to the same loop run locally,
-next to torch.distributed.rpc (TensorPipe). The server runs in a child process; the bench process
+next to torch.distributed.rpc (TensorPipe), next to a Ray actor holding the same model (section
+ray: skipped with a note when ray is not installed; `pip install ray`). The server runs in a child process; the bench process
 is the client. The server child sets glibc's malloc settings as gradserve-server does at start
 (--tune-malloc 1) and the client sets none, as a plain SDK process; --tune-malloc changes that
 (the trade-off is in docs/performance.md "Memory").
@@ -36,12 +37,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import common
 import numpy as np
+import ray_baseline
 import torch
 import tp_baseline
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024
-SECTIONS = ("tiny", "payload", "train", "mlp", "distributed", "concurrency", "upload")
+SECTIONS = ("tiny", "payload", "train", "mlp", "distributed", "ray", "concurrency", "upload")
 
 
 class Report:
@@ -310,6 +312,39 @@ def distributed(servers: common.Servers, report: Report, calls: int, big_reps: i
         print("  (the shared-memory fast path was not available: it fell back to the wire)")
 
 
+def ray(servers: common.Servers, report: Report, calls: int, big_reps: int, reps: int) -> None:
+    """A Ray actor holding the same torch model, and gradserve, side by side in one process."""
+    conn, child = common.CTX.Pipe()
+    driver = common.CTX.Process(target=ray_baseline.driver,
+                                args=(servers.address, calls, big_reps, reps, child), daemon=True)
+    driver.start()
+    if not conn.poll(600):
+        driver.kill()
+        raise RuntimeError("the Ray baseline did not answer within 600 s")
+    result = conn.recv()
+    driver.join(60)
+    if "skipped" in result:
+        print(f"  {result['skipped']}")
+        report.raw["ray"] = result
+        return
+    s = result["samples"]
+    report.raw["ray"] = {"shm_used": result["shm_used"], "ray": result["ray"],
+                         **{k: common.stats(v) for k, v in s.items()}}
+    against = f"Ray {result['ray']} actor"
+    report.row("remote fwd+bwd+step Linear(2,1) b10", p50(s["gradserve_step"]),
+               p50(s["ray_step"]), "ms", "faster", against)
+    report.row("16 MiB round trip, shared memory", p50(s["gradserve_shm_16mib"]),
+               p50(s["ray_16mib"]), "ms", "faster", f"{against} (object store)")
+    report.row("16 MiB round trip, wire (same run)", p50(s["gradserve_wire_16mib"]),
+               p50(s["ray_16mib"]), "ms", against=f"{against} (object store)")
+    report.row("per-batch Backward(step=True), d2l", p50(s["gradserve_per_batch"]),
+               p50(s["ray_per_batch"]), "ms", "faster", f"{against}, a call per batch")
+    report.row("Train RPC, d2l (the loop on the server)", p50(s["gradserve_train"]),
+               p50(s["ray_loop"]), "ms", "report", f"{against}, the loop in one call")
+    if not result["shm_used"]:
+        print("  (the shared-memory fast path was not available: it fell back to the wire)")
+
+
 def concurrency(servers: common.Servers, report: Report, seconds: float) -> None:
     """1, 4 and 8 client processes, each training its own model with Backward(step=True)."""
     rates = {n: common.concurrent_clients(servers.address, n, seconds) for n in (1, 4, 8)}
@@ -408,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "distributed":
                 distributed(servers, report, calls // 2, reps,
                             args.tune_malloc in ("client", "both"))
+            elif name == "ray":
+                ray(servers, report, calls // 2, reps, reps)
             elif name == "concurrency":
                 concurrency(servers, report, 1.5 if args.quick else 4.0)
             elif name == "upload":
