@@ -6,8 +6,10 @@ two in rounds, so both see the same machine at the same time:
 
 - fused step: the actor's `step(x, y)` (forward, MSE loss, backward, SGD step of Linear(2,1) on a
   batch of 10, the loss returned) against gradserve's Backward(step=True);
-- 16 MiB round trip: the actor's `echo(t)` of a 16 MiB float32 tensor (Ray moves it through its
-  shared-memory object store) against gradserve's Forward of Identity (shared memory and wire);
+- 16 MiB round trip: the actor's `echo(t)` of 16 MiB of float32 (Ray moves it through its
+  shared-memory object store) against gradserve's Forward of Identity (shared memory and wire),
+  once as a numpy array (Ray's zero-copy path: its fastest) and once as a torch tensor (which
+  Ray pickles, with copies);
 - the d2l workload (1000x2, batch 10, 3 epochs): one actor call per batch against gradserve's
   per-batch Backward(step=True), and the whole loop as one actor call against gradserve's Train.
 
@@ -81,6 +83,7 @@ def driver(address: str, calls: int, big_reps: int, reps: int, conn: Any) -> Non
         x = torch.from_numpy(np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32))
         y = torch.zeros(10, 1)
         big = torch.randn(4 * 1024 * 1024)  # 16 MiB of float32
+        big_np = big.numpy()
         dx, dy = d2l_data()
         epochs = [d2l_batches(epoch) for epoch in range(3)]
         ray.get(actor.step.remote(x, y))  # the actor process is up
@@ -94,7 +97,8 @@ def driver(address: str, calls: int, big_reps: int, reps: int, conn: Any) -> Non
             small = common.rounds({"ray_step": lambda: ray.get(actor.step.remote(x, y)),
                                    "gradserve_step": lambda: m.backward(x, y, step=True)},
                                   calls, warmup=100)
-            large = common.rounds({"ray_16mib": lambda: ray.get(actor.echo.remote(big)),
+            large = common.rounds({"ray_numpy_16mib": lambda: ray.get(actor.echo.remote(big_np)),
+                                   "ray_torch_16mib": lambda: ray.get(actor.echo.remote(big)),
                                    "gradserve_shm_16mib": lambda: ident.forward(big),
                                    "gradserve_wire_16mib": lambda: ident_wire.forward(big)},
                                   big_reps * 5, n_rounds=5, warmup=3)

@@ -218,6 +218,27 @@ def environment(live: Live) -> dict[str, str]:
     return env
 
 
+# Shell commands a docs test cannot run: the block must say so with a fragment marker (failing at
+# once says that, where running it would hang on a server or fail on a missing tool).
+CANNOT_RUN = {
+    r"\bgradserve-server\b|\bgradserve_server\b|\btorchrun\b": "starts a server",
+    r"\b(docker|podman|kubectl|helm)\s": "needs a container runtime or a cluster",
+    r"\bpip (install|download)\b": "installs packages",
+}
+
+
+def unrunnable(block: Block) -> str | None:
+    """Why a shell block cannot run here, if it cannot."""
+    if block.kind != "shell":
+        return None
+    for pattern, why in CANNOT_RUN.items():
+        for line in block.code.splitlines():
+            if not line.lstrip().startswith("#") and re.search(pattern, line):
+                return (f"{why} ({line.strip()[:60]!r}); mark the block "
+                        f"'<!-- fragment: {why} -->' or change it")
+    return None
+
+
 def requirements(block: Block) -> None:
     """Skip (locally; fail in CI) a block whose tools this machine lacks."""
     if re.search(r"(^|[\s;|&(])(buf|npx --prefix tests/node)\s", block.code):
@@ -301,6 +322,9 @@ def check_data(block: Block, live: Live) -> str | None:
 def run(block: Block, live: Live) -> str | None:
     if block.kind == "parse":
         return check_data(block, live)
+    why = unrunnable(block)
+    if why:
+        return why
     requirements(block)
     return run_program(block, live)
 
@@ -411,4 +435,6 @@ def test_harness_fails_a_broken_block_and_an_unmarked_one(tmp_path: Path) -> Non
     failure = run_program(blocks[1], state)
     assert failure is not None and "exit status 3" in failure
     assert run_program(blocks[2], state) is None
+    server = parse("```bash\ngradserve-server --port 0 &\n```\n", tmp_path / "s.md")[0]
+    assert "starts a server" in (run(server, state) or "")
     state.stop()
