@@ -330,15 +330,13 @@ def run(block: Block, live: Live) -> str | None:
 
 
 def run_page_until(block: Block, live: Live) -> str | None:
-    """Run block after every earlier runnable block of its page (each once, in page order)."""
+    """Run block after every earlier runnable block of its page (each once, in page order, as a
+    reader would: a later block may use a file an earlier one wrote). An earlier block's failure
+    is its own test's; this block fails only if it fails itself."""
     for earlier in RUNNABLE:
-        if earlier.page != block.page or earlier.line > block.line:
-            continue
-        if earlier.id not in live.results:
+        if earlier.page == block.page and earlier.line <= block.line \
+                and earlier.id not in live.results:
             live.results[earlier.id] = run(earlier, live)
-        if earlier is not block and live.results[earlier.id] is not None:
-            return f"an earlier block of the page, {earlier.id}, failed:\n" \
-                   f"{live.results[earlier.id]}"
     return live.results[block.id]
 
 
