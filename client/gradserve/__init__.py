@@ -39,6 +39,7 @@ from .results import (
     ForwardResult,
     ModelInfo,
     ParameterInfo,
+    ServerInfo,
     StreamStep,
     TrainEvent,
     TrainSummary,
@@ -52,7 +53,7 @@ __all__ = [
     "CancelledError", "CheckpointInfo", "Client", "DatasetInfo", "DeadlineExceededError",
     "FailedPreconditionError", "ForwardResult", "GradServeError", "History", "InternalError",
     "InvalidArgumentError", "ModelInfo", "NotFoundError", "ParameterInfo",
-    "PermissionDeniedError", "RemoteModel", "ResourceExhaustedError", "StreamStep",
+    "PermissionDeniedError", "RemoteModel", "ResourceExhaustedError", "ServerInfo", "StreamStep",
     "TensorArgumentError", "TrainEvent", "TrainRun", "TrainSummary", "UnauthenticatedError",
     "UnavailableError", "tune_malloc",
 ]

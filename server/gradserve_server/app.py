@@ -8,14 +8,18 @@ import logging
 import re
 import socket
 import ssl
+import threading
 import time
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from .core.errors import StartupError
+from .core.parallel import LOCAL, Parallel
 from .core.service import CheckpointResult, Core
 from .core.statedir import place_scratch
 from .metrics import Metrics
@@ -28,6 +32,10 @@ from .transport.rpc import GradientService
 from .transport.server import AioServer
 from .transport.shm import SharedMemoryRegistry
 from .transport.streams import StreamWatch
+
+if TYPE_CHECKING:
+    from .dist.driver import Driver
+    from .dist.group import Group
 
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
@@ -174,32 +182,70 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class GradServer:
-    """A built server: gRPC, health, metrics endpoint and the core, started and stopped together."""
+def _version() -> str:
+    try:
+        return metadata.version("gradserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
-    def __init__(self, settings: Settings) -> None:
+
+class GradServer:
+    """A built server: gRPC, health, metrics endpoint and the core, started and stopped together.
+
+    group: rank 0 of a torchrun group (dist/): every model lives on every rank and its work is
+    split over them (docs/scaling.md). None: one process.
+    """
+
+    def __init__(self, settings: Settings, group: Group | None = None) -> None:
         self.settings = settings
         # Addresses and TLS files first: a mistake there is reported before anything is built.
         check_listen(settings.host, settings.port, ("host", "port"))
         if settings.metrics_port >= 0:
             check_listen(self.metrics_host, settings.metrics_port,
                          ("metrics_host", "metrics_port"))
-        credentials = tls_credentials(settings)
-        self.device = resolve_device(settings.device)
+        self._credentials = tls_credentials(settings)
+        self.device = group.device if group is not None else resolve_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.metrics = Metrics(settings.buckets, settings.max_models, device=self.device)
+        self.driver: Driver | None = None
+        # Set when the group lost a rank: the CLI drains and exits 1, torchrun restarts it.
+        self.group_lost = threading.Event()
+        parallel: Parallel = LOCAL
+        if group is not None:
+            from .dist.driver import Driver  # torch.distributed: only for a group
+
+            self.driver = Driver(group, self.metrics, bool(settings.dist_verify))
+            self.driver.on_broken = self._on_group_lost
+            parallel = self.driver
+            self.metrics.world_size.set(group.world)
+        try:
+            self._build(settings, group, parallel)
+        except BaseException:
+            if self.driver is not None:
+                self.driver.stop(1)  # the other ranks exit too: the launch fails as one
+            raise
+
+    def _build(self, settings: Settings, group: Group | None, parallel: Parallel) -> None:
         place_scratch(settings.state_dir)  # StartupError: temp files would land in the state dir
         # StartupError when --state-dir cannot be created or written: exit now, not at SIGTERM.
         self.core = Core(self.device, settings.limits, self.metrics, settings.state_dir,
                          settings.autosave_steps, settings.autosave_seconds,
-                         bool(settings.persist_datasets))
+                         bool(settings.persist_datasets), parallel)
+        self.core.info.version = _version()
+        if group is not None:
+            self.core.info.backend = group.backend
+            self.core.info.devices = [r.device for r in group.ranks]
+            self.core.info.hosts = [r.host for r in group.ranks]
+        else:
+            self.core.info.hosts = [socket.gethostname()]
         self.shm = (SharedMemoryRegistry(settings.max_shm_mb * 1024 * 1024, settings.shm_ttl_s,
                                          settings.max_shm_regions,
                                          settings.max_shm_regions_per_connection)
                     if settings.max_shm_mb > 0 else None)
+        # A group's calls wait for their turn and for the other ranks: never on the event loop.
         self.lanes = Lanes(str(self.device), settings.threads, settings.max_train_runs,
-                           settings.inline_us)
+                           settings.inline_us if group is None else 0)
         self.watch = StreamWatch(settings.stream_idle_seconds)
         observability = ObservabilityInterceptor(self.metrics)
         self._observability = observability
@@ -237,7 +283,7 @@ class GradServer:
             housekeeping_s=min(1.0, idle / 4) if idle > 0 else 1.0)
         address = f"{settings.host}:{settings.port}"
         try:
-            self.port = self.transport.add_port(address, credentials)
+            self.port = self.transport.add_port(address, self._credentials)
         except (OSError, RuntimeError) as exc:  # taken since check_listen, or gRPC disagrees
             self.transport.close()
             raise StartupError(f"{_flag('host')} / {_flag('port')}: cannot serve gRPC on "
@@ -248,6 +294,15 @@ class GradServer:
     @property
     def health(self) -> HealthControl:
         return HealthControl(self.transport)
+
+    def _on_group_lost(self, reason: str) -> None:
+        """The group lost a rank: NOT_SERVING now; the CLI drains (models checkpoint) and exits
+        1, and torchrun restarts the group."""
+        self.group_lost.set()
+        try:
+            self.transport.not_serving()
+        except Exception:  # already stopping
+            log.debug("health not updated", exc_info=True)
 
     def _housekeeping(self) -> None:
         """Every second on the event loop: expire idle regions, give memory back when quiet."""
@@ -309,6 +364,8 @@ class GradServer:
             self.transport.close()
         if self.shm is not None:
             self.shm.close()
+        if self.driver is not None:
+            self.driver.stop(0)  # after the last call's work; the checkpoints need no other rank
         result = self.core.checkpoint_all(deadline=deadline)
         if result.saved or result.failed:
             log.info("checkpointed %d model(s) to %s (%d already current, %d failed)",
@@ -324,6 +381,8 @@ class GradServer:
         self.transport.stop()
         if self.shm is not None:
             self.shm.close()
+        if self.driver is not None:
+            self.driver.stop(0)
         self.close_metrics()
 
     def close_metrics(self) -> None:
@@ -347,7 +406,7 @@ class HealthControl:
         self._transport.not_serving()
 
 
-def build_server(settings: Settings) -> tuple[GradServer, int]:
+def build_server(settings: Settings, group: Group | None = None) -> tuple[GradServer, int]:
     """Wire the server from settings; returns it unstarted with its bound gRPC port."""
-    server = GradServer(settings)
+    server = GradServer(settings, group)
     return server, server.port

@@ -135,6 +135,17 @@ class Settings:
                                 max=MAX_SECONDS)
     persist_datasets: int = _opt(0, "1: write uploaded datasets to --state-dir so that they "
                                  "survive restarts (0: memory only)", min=0, max=1)
+    # distributed (under torchrun with WORLD_SIZE > 1; docs/scaling.md)
+    dist_backend: str = _opt("auto", "torch.distributed backend of a torchrun group: auto (nccl "
+                             "on CUDA, else gloo), gloo or nccl",
+                             choices=("auto", "gloo", "nccl"))
+    dist_timeout_seconds: float = _opt(
+        20.0, "longest wait of any collective for the other ranks (also the group's start); a "
+        "lost rank fails the calls in progress within about this long. Must exceed the "
+        "slowest forward+backward of one shard", above=0)
+    dist_verify: int = _opt(0, "1: after every call that changes a model, compare a hash of "
+                            "its parameters, buffers, gradients and optimizer state on every "
+                            "rank (slow; for tests and debugging)", min=0, max=1)
     # security
     auth_token_file: str = _opt("", "file of bearer tokens, one per line: 'token [scope,scope]'")
     tls_cert: str = _opt("", "PEM server certificate (enables TLS)")

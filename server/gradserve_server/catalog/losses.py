@@ -83,6 +83,19 @@ class Loss:
             raise InvalidArgument(f"target: loss {self.name!r} failed: {exc}") from None
 
 
+    def count(self, output: torch.Tensor, target: torch.Tensor | None) -> int:
+        """How many terms a mean reduction divides by: targets that are not ignore_index for
+        class indices, else elements. Data parallelism weights each shard's mean by its share."""
+        if target is None:
+            return 1
+        if not self.elementwise and not target.is_floating_point():
+            ignore = getattr(self.module, "ignore_index", None)
+            return int((target != ignore).sum()) if ignore is not None else target.numel()
+        if not self.elementwise and target.dim() > 1:  # class probabilities: one term per row
+            return target.numel() // target.shape[1]
+        return target.numel()
+
+
 def build_loss(name: str, reduction: str, kwargs: Mapping[str, Any]) -> Loss:
     name = name or "none"
     entry = LOSSES.get(name)

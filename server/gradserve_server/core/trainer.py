@@ -141,20 +141,11 @@ class Trainer:
     @staticmethod
     def _apply_step(model: Model, sched: LRScheduler | None, clip: float, want_norm: bool
                     ) -> tuple[float, float]:
-        """Clip, optimizer.step, scheduler.step, zero_grad (caller holds the lock)."""
-        norm = math.nan
-        params = ([p for p in model.module.parameters() if p.grad is not None] if clip > 0
-                  else [])
-        if params:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        elif want_norm:
-            norm = model.total_grad_norm()
+        """Clip, optimizer.step, zero_grad, scheduler.step (caller holds the lock)."""
         lr = Trainer._lr(model)
-        if model.optimizer is not None:
-            model.optimizer.step()
-            if sched is not None:
-                sched.step()
-            model.optimizer.zero_grad()
+        norm = model.optimizer_step(clip, want_norm)  # on every rank of a group
+        if model.optimizer is not None and sched is not None:
+            sched.step()
         model.step_count += 1
         return norm, lr
 
@@ -256,7 +247,7 @@ class Trainer:
         with model.lock:
             sched = build_schedule(model.optimizer, opts.schedule, opts.schedule_params,
                                    opts.warmup_steps, opts.warmup_start_factor, total)
-            model.module.zero_grad()
+            model.clear_grads()
             model.module.train()
         inputs = data.inputs if data is not None else []
         target = data.target if data is not None else None
@@ -302,16 +293,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 with model.lock:
                     if objective:
-                        out = model.run_module([])
-                        loss = model.loss_fn(out, None)
+                        value = model.train_batch([], None, opts.accumulation_steps)
                         batch_n = 1
                     else:
-                        xs = model.prepare_inputs([t[idx] for t in inputs])
-                        y = model.prepare_target(target[idx] if target is not None else None)
-                        out = model.run_module(xs)
-                        loss = model.loss_fn(out, y)
+                        xs = [t[idx] for t in inputs]
+                        y = target[idx] if target is not None else None
+                        # forward, loss and (loss / accumulation_steps).backward(), unless the
+                        # loss is not finite; in a group, every rank on its shard
+                        value = model.train_batch(xs, y, opts.accumulation_steps)
                         batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore
-                    value = loss.item()
                     if not math.isfinite(value):
                         if opts.skip_nonfinite:
                             skipped += 1
@@ -321,8 +311,6 @@ class Trainer:
                                    f"{model.step_count}); lower the learning rate, clip gradients "
                                    "or set skip_nonfinite")
                         break
-                    (loss / opts.accumulation_steps if opts.accumulation_steps > 1
-                     else loss).backward()
                     micro += 1
                     stepped = micro == opts.accumulation_steps or i == len(batches) - 1
                     if stepped:
@@ -463,7 +451,7 @@ class StreamSession:
         with model.lock:
             self._sched = build_schedule(model.optimizer, schedule, params, warmup, start_factor,
                                          1 << 30)
-            model.module.zero_grad()
+            model.clear_grads()
             model.module.train()
 
     def step(self, batch: TrainData) -> StreamResult | None:
@@ -485,16 +473,13 @@ class StreamSession:
         t0 = time.perf_counter()
         with model.lock, model.reserve_batch(BACKWARD, batch.inputs, batch.target,
                                              "TrainStream", model.trainable_bytes):
-            xs = model.prepare_inputs(batch.inputs)
-            loss = model.loss_fn(model.run_module(xs), model.prepare_target(batch.target))
-            value = loss.item()
+            value = model.train_batch(batch.inputs, batch.target)  # no backward unless finite
             if not math.isfinite(value):
                 if not self.skip_nonfinite:
                     raise FailedPrecondition(
                         f"batch {k}: the loss was {value}; the stream ends (set "
                         "skip_nonfinite to skip such batches)")
                 return StreamResult(model.step_count, value, math.nan, trainer._lr(model), True)
-            loss.backward()
             norm, lr = trainer._apply_step(model, self._sched, self.clip, want_norm=True)
         hooks = trainer.hooks
         hooks.phase_seconds(model.id, "train_step", time.perf_counter() - t0)

@@ -214,6 +214,15 @@ class GradientServicer:
         self.core.datasets.delete(request.dataset_id)
         return pb.DeleteDatasetResponse()
 
+    # ------------------------------------------------------------------ the server
+
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, call: Call
+                      ) -> pb.GetServerInfoResponse:
+        i = self.core.info
+        return pb.GetServerInfoResponse(version=i.version, torch_version=i.torch_version,
+                                        world_size=i.world_size, backend=i.backend,
+                                        devices=i.devices, hosts=i.hosts)
+
     # ------------------------------------------------------------------ checkpoints
 
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, call: Call
