@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-LAYERS = [{"type": "Linear", "in_features": 784, "out_features": 256}, {"type": "ReLU"},
+LAYERS: list[dict[str, Any]] = [{"type": "Linear", "in_features": 784, "out_features": 256}, {"type": "ReLU"},
           {"type": "Linear", "in_features": 256, "out_features": 10}]
 SAMPLES = 8192
 
