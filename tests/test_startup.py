@@ -107,7 +107,21 @@ def test_operator_names_a_token_file_that_does_not_exist(tmp_path: Path) -> None
     (["--grace-seconds", "1e300"], {}, ("--grace-seconds (or GRADSERVE_GRACE_SECONDS) 1e+300: "
                                        "expected a number in [0, 31536000]")),
     (["--max-concurrent-rpcs", "99999999999"], {}, "expected an integer in [1, 1073741824]"),
+    (["--dist-timeout-seconds", "1e300"], {}, "expected a number in (0, 31536000]"),
+    (["--max-models", "9" * 30], {}, "expected an integer in [1, 9007199254740992]"),
 ])
 def test_operator_makes_a_usage_error(args: list[str], env: dict[str, str], needle: str) -> None:
     line = one_line(start(*args, env=env), 2)
     assert needle in line and line.endswith("(--help lists every flag)")
+
+
+def test_every_numeric_flag_has_a_range() -> None:
+    from dataclasses import fields
+
+    from gradserve_server.settings import Settings
+
+    numeric = [f for f in fields(Settings) if f.type in ("int", "float")]
+    assert len(numeric) > 30
+    unbounded = [f.name for f in numeric if "max" not in f.metadata
+                 or not ({"min", "above"} & set(f.metadata))]
+    assert not unbounded, f"flags without a lower and an upper bound: {unbounded}"

@@ -24,9 +24,17 @@ DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+# The largest integer any count or size setting takes: beyond it a float (a Prometheus value, a
+# budget share) no longer holds it exactly. Settings with a tighter limit name their own max=.
+MAX_INT = 2**53
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     """A setting. Numeric ones may name their accepted range, which validate() checks for every
-    field alike: min=, max= (inclusive) and above= (exclusive lower bound)."""
+    field alike: min=, max= (inclusive) and above= (exclusive lower bound). An integer setting
+    without max= is bounded by MAX_INT, a float one by MAX_SECONDS: every flag has a range."""
+    if "max" not in extra and not isinstance(default, (str, bool)):
+        extra["max"] = MAX_INT if isinstance(default, int) else MAX_SECONDS
     return field(default=default, metadata={"help": help, **extra})
 
 
