@@ -300,7 +300,7 @@ def test_checkpoint_round_trip_restores_graph_and_state(
 
 
 def test_create_model_from_module_exports_it(client: Client) -> None:
-    """create_model(module=...): the README example; a module instance keeps its own values."""
+    """create_model(module=...): the docs/models.md example; a module instance keeps its own values."""
     torch.manual_seed(42)
     net = ResidualMLP()
     x = torch.randn(8, 6)

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 # On SIGTERM, calls in progress get this share of --grace-seconds (at most RPC_GRACE_CAP_S);
-# checkpoints get the rest. docs/durability in README "Shutdown".
+# checkpoints get the rest. docs/durability.md documents the drain.
 RPC_GRACE_SHARE = 0.5
 RPC_GRACE_CAP_S = 10.0
 KEEPALIVE_S = 60  # the server pings quiet connections this often; a peer that does not answer
