@@ -198,12 +198,6 @@ class GradServer:
 
     def __init__(self, settings: Settings, group: Group | None = None) -> None:
         self.settings = settings
-        # Addresses and TLS files first: a mistake there is reported before anything is built.
-        check_listen(settings.host, settings.port, ("host", "port"))
-        if settings.metrics_port >= 0:
-            check_listen(self.metrics_host, settings.metrics_port,
-                         ("metrics_host", "metrics_port"))
-        self._credentials = tls_credentials(settings)
         self.device = group.device if group is not None else resolve_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -220,6 +214,13 @@ class GradServer:
             parallel = self.driver
             self.metrics.world_size.set(group.world)
         try:
+            # Addresses and TLS files first: a mistake there is reported before anything is
+            # built (inside the try: the other ranks of a group then exit too).
+            check_listen(settings.host, settings.port, ("host", "port"))
+            if settings.metrics_port >= 0:
+                check_listen(self.metrics_host, settings.metrics_port,
+                             ("metrics_host", "metrics_port"))
+            self._credentials = tls_credentials(settings)
             self._build(settings, group, parallel)
         except BaseException:
             if self.driver is not None:
