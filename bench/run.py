@@ -6,8 +6,9 @@
 
 Every goal is a ratio of two things measured in the same run, in alternating rounds where they
 can be: gradserve next to a bare gRPC echo of the same bytes, next to the same loop run locally,
-next to torch.distributed.rpc (TensorPipe). The server runs in a child process; the bench process
-is the client. The server child sets glibc's malloc settings as gradserve-server does at start
+next to torch.distributed.rpc (TensorPipe), next to a Ray actor holding the same model (section
+ray: skipped with a note when ray is not installed; `pip install ray`). The server runs in a
+child process; the bench process is the client. The server child sets glibc's malloc settings as gradserve-server does at start
 (--tune-malloc 1) and the client sets none, as a plain SDK process; --tune-malloc changes that
 (the trade-off is in docs/performance.md "Memory").
 docs/performance.md explains each row and what dominates it; bench/RESULTS.md holds dated
@@ -36,13 +37,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import common
 import numpy as np
+import ray_baseline
 import scale as scaling
 import torch
 import tp_baseline
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024
-SECTIONS = ("tiny", "payload", "train", "mlp", "distributed", "concurrency", "upload", "scale")
+SECTIONS = ("tiny", "payload", "train", "mlp", "distributed", "ray", "concurrency", "upload",
+            "scale")
 
 
 class Report:
@@ -311,6 +314,41 @@ def distributed(servers: common.Servers, report: Report, calls: int, big_reps: i
         print("  (the shared-memory fast path was not available: it fell back to the wire)")
 
 
+def ray(servers: common.Servers, report: Report, calls: int, big_reps: int, reps: int) -> None:
+    """A Ray actor holding the same torch model, and gradserve, side by side in one process."""
+    conn, child = common.CTX.Pipe()
+    driver = common.CTX.Process(target=ray_baseline.driver,
+                                args=(servers.address, calls, big_reps, reps, child), daemon=True)
+    driver.start()
+    if not conn.poll(600):
+        driver.kill()
+        raise RuntimeError("the Ray baseline did not answer within 600 s")
+    result = conn.recv()
+    driver.join(60)
+    if "skipped" in result:
+        print(f"  {result['skipped']}")
+        report.raw["ray"] = result
+        return
+    s = result["samples"]
+    report.raw["ray"] = {"shm_used": result["shm_used"], "ray": result["ray"],
+                         **{k: common.stats(v) for k, v in s.items()}}
+    against = f"Ray {result['ray']} actor"
+    report.row("remote fwd+bwd+step Linear(2,1) b10", p50(s["gradserve_step"]),
+               p50(s["ray_step"]), "ms", "faster", against)
+    report.row("16 MiB round trip, shared memory", p50(s["gradserve_shm_16mib"]),
+               p50(s["ray_numpy_16mib"]), "ms", "faster", f"{against}, numpy (zero-copy)")
+    report.row("16 MiB round trip, shared memory", p50(s["gradserve_shm_16mib"]),
+               p50(s["ray_torch_16mib"]), "ms", "report", f"{against}, torch tensor")
+    report.row("16 MiB round trip, wire (same run)", p50(s["gradserve_wire_16mib"]),
+               p50(s["ray_numpy_16mib"]), "ms", against=f"{against}, numpy (zero-copy)")
+    report.row("per-batch Backward(step=True), d2l", p50(s["gradserve_per_batch"]),
+               p50(s["ray_per_batch"]), "ms", "faster", f"{against}, a call per batch")
+    report.row("Train RPC, d2l (the loop on the server)", p50(s["gradserve_train"]),
+               p50(s["ray_loop"]), "ms", "report", f"{against}, the loop in one call")
+    if not result["shm_used"]:
+        print("  (the shared-memory fast path was not available: it fell back to the wire)")
+
+
 def concurrency(servers: common.Servers, report: Report, seconds: float) -> None:
     """1, 4 and 8 client processes, each training its own model with Backward(step=True)."""
     rates = {n: common.concurrent_clients(servers.address, n, seconds) for n in (1, 4, 8)}
@@ -391,15 +429,15 @@ def machine() -> dict[str, Any]:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     print()
-    print(f"| {'measure':<46} | {'gradserve':>10} | {'baseline':>10} | {'ratio':>6} | "
-          f"{'goal':<7} | met |")
-    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 12}|{'-' * 8}|{'-' * 9}|-----|")
+    print(f"| {'measure':<46} | {'gradserve':>10} | {'against':<38} | {'baseline':>10} | "
+          f"{'ratio':>6} | {'goal':<7} | met |")
+    print(f"|{'-' * 48}|{'-' * 12}|{'-' * 40}|{'-' * 12}|{'-' * 8}|{'-' * 9}|-----|")
     for r in rows:
         base = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
         met = {True: "yes", False: "NO", None: ""}[r["met"]]
-        print(f"| {r['measure']:<46} | {r['value']:>10.3f} | {base:>10} | {ratio:>6} | "
-              f"{r['goal']:<7} | {met:<3} |")
+        print(f"| {r['measure']:<46} | {r['value']:>10.3f} | {r['against']:<38} | {base:>10} | "
+              f"{ratio:>6} | {r['goal']:<7} | {met:<3} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -446,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "distributed":
                 distributed(servers, report, calls // 2, reps,
                             args.tune_malloc in ("client", "both"))
+            elif name == "ray":
+                ray(servers, report, calls // 2, reps, reps)
             elif name == "concurrency":
                 concurrency(servers, report, 1.5 if args.quick else 4.0)
             elif name == "upload":

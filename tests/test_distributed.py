@@ -78,7 +78,7 @@ def local_train(net: nn.Module, opt: torch.optim.Optimizer, loss_fn: Any, x: tor
                 y: torch.Tensor, epochs: int, bs: int, shuffle: bool = False, seed: int = 0,
                 accumulation: int = 1, clip: float = 0.0,
                 sched: Any = None) -> list[float]:
-    """README "The loop, exactly"; returns each epoch's mean loss."""
+    """docs/scaling.md "The loop, exactly"; returns each epoch's mean loss."""
     means = []
     for epoch in range(epochs):
         order = batches(len(x), bs, shuffle, seed, epoch)

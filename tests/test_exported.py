@@ -300,7 +300,7 @@ def test_checkpoint_round_trip_restores_graph_and_state(
 
 
 def test_create_model_from_module_exports_it(client: Client) -> None:
-    """create_model(module=...): the README example; a module instance keeps its own values."""
+    """create_model(module=...): the docs/models.md example; a module instance keeps its own values."""
     torch.manual_seed(42)
     net = ResidualMLP()
     x = torch.randn(8, 6)
@@ -384,14 +384,3 @@ def test_sdk_imports_torch_only_for_modules() -> None:
             "op = o.create_model(exported=b'PK..', loss='mse')\n"
             "assert op.request.spec.exported.archive == b'PK..'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-def test_readme_residual_example_runs(client: Client) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("**Exported models: bring your own architecture.**")[1]
-    block = section.split("```python\n")[1].split("```")[0]
-    assert len(block.strip().splitlines()) <= 10
-    X, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    scope = {"nn": nn, "torch": torch, "client": client, "X": X, "y": y}
-    exec(block, scope)  # noqa: S102 - the README's own example
-    assert scope["m"].refresh().step == 10

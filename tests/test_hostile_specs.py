@@ -273,8 +273,9 @@ def _numeric_flags() -> int:
 @pytest.mark.parametrize("argv, needle", [
     (["--max-models", "-1"], "--max-models (or GRADSERVE_MAX_MODELS) -1: expected an integer >= 1"),
     (["--grace-seconds", "-5"],
-     "--grace-seconds (or GRADSERVE_GRACE_SECONDS) -5.0: expected a number >= 0"),
-    (["--graph-ttl-s", "nan"], "--graph-ttl-s (or GRADSERVE_GRAPH_TTL_S) nan: expected a number > 0"),
+     "--grace-seconds (or GRADSERVE_GRACE_SECONDS) -5.0: expected a number in [0, 31536000]"),
+    (["--graph-ttl-s", "nan"],
+     "--graph-ttl-s (or GRADSERVE_GRAPH_TTL_S) nan: expected a number in (0, 31536000]"),
     (["--port", "70000"], "--port (or GRADSERVE_PORT) 70000: expected an integer in [0, 65535]"),
     (["--max-message-mb", "2048"], "expected an integer in [1, 2047]"),
     (["--max-memory-mb", "-1"], "--max-memory-mb (or GRADSERVE_MAX_MEMORY_MB) -1"),

@@ -1,5 +1,5 @@
 """Each model has its own random stream: dropout is reproducible and equals the local code that
-README "Semantics" documents; checkpoints carry the stream; the global RNG is never touched."""
+docs/models.md "Semantics" documents; checkpoints carry the stream; the global RNG is never touched."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ OPTIMIZER = {"type": "sgd", "lr": 0.05}
 
 
 def _local_net(seed: int) -> nn.Module:
-    """README "Semantics": torch.manual_seed(seed), then build the model as the spec says."""
+    """docs/models.md "Semantics": torch.manual_seed(seed), then build the model as the spec says."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
 
@@ -57,7 +57,7 @@ def test_identical_train_runs_end_with_identical_parameters(client: Client) -> N
         m = client.create_model(layers=DROPOUT, loss="mse", optimizer=OPTIMIZER, seed=7)
         list(m.train(X, y, epochs=2, batch_size=16, shuffle=True, seed=3))
         runs.append(m.parameters())
-    with torch.random.fork_rng(devices=[]):  # the README's local loop, dropout included
+    with torch.random.fork_rng(devices=[]):  # docs/models.md's local loop, dropout included
         net = _local_net(7)
         opt = torch.optim.SGD(net.parameters(), lr=0.05)
         for epoch in range(2):

@@ -319,7 +319,7 @@ def create_model(
     exported: Any = None,
     loss_output: int | str | None = None,
 ) -> Op[ModelInfo]:
-    """Create a model from layers=, expression=, plugin=, module= or exported= (README "Model
+    """Create a model from layers=, expression=, plugin=, module= or exported= (docs/models.md "Model
     specs"; exported models: docs/exported.md)."""
     given = [x is not None for x in (layers, expression, plugin, module, exported)]
     if sum(given) != 1:

@@ -41,8 +41,12 @@ class AsyncTrainRun(_RunState):
     """Async iterator of TrainEvent for one server-side run.
 
     Breaking out of `async for`, leaving `async with run:`, or cancel() stops the run; the
-    server keeps the last completed step (model.wait_idle() waits until it has let go).
+    server keeps the last completed step (model.wait_idle() waits until it has let go). A run
+    dropped without being iterated is cancelled, with a RuntimeWarning (await fit() instead to
+    train to the end).
     """
+
+    _how = "iterate it (async for event in model.train(...)) or await model.fit(...)"
 
     def __aiter__(self) -> AsyncIterator[TrainEvent]:
         return self._events()
@@ -64,9 +68,19 @@ class AsyncTrainRun(_RunState):
 
     def cancel(self) -> None:
         """Stop the server loop (it keeps the last completed step)."""
+        self._handled = True
         if not self._call.done():
             self._cancelled = True
             self._call.cancel()
+
+    def __del__(self) -> None:
+        self._warn_unused()
+        # Now: grpc.aio's own cancel-on-collection comes only after the request was sent (its
+        # send task holds the call), so the dropped run would start on the server after all.
+        try:
+            self.cancel()
+        except RuntimeError:  # the event loop is closed already: nothing can be sent anyway
+            pass
 
     async def __aenter__(self) -> Self:
         return self
@@ -269,7 +283,7 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
         progress = sys.stdout.isatty() if call.progress is None else call.progress
         stream = self._stub_for(call.op.request.model_id).Train(
             call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return AsyncTrainRun(stream, call.total, progress)
+        return AsyncTrainRun(stream, call.total, progress, call.op.request.model_id)
 
     @staticmethod
     async def _fit(run: AsyncTrainRun) -> History:

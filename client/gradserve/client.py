@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,19 +26,36 @@ DEFAULT_TIMEOUT = 60.0
 
 
 class _RunState:
-    """What TrainRun and AsyncTrainRun share: the events so far, the progress bar, and telling
-    our own cancellation apart from a failure."""
+    """What TrainRun and AsyncTrainRun share: the events so far, the progress bar, telling our
+    own cancellation apart from a failure, and the warning for a run nobody iterates."""
 
-    def __init__(self, call: Any, total: int | None, progress: bool) -> None:
+    _how = "iterate it (for event in model.train(...)) or call model.fit(...)"
+
+    def __init__(self, call: Any, total: int | None, progress: bool, model_id: str = "") -> None:
         self._call = call
         self._total = total
         self._progress = progress
+        self._model_id = model_id
         self._cancelled = False
+        self._handled = False  # iterated, or cancelled on purpose: dropping it then is fine
         self._pbar: Any = None
         self.events: list[TrainEvent] = []
 
     def _open(self) -> None:
+        self._handled = True
         self._pbar = _bar(self._total) if self._progress else None
+
+    def _warn_unused(self) -> None:
+        """The run is being dropped: say so if nobody iterated it (a bare `m.train(...)`
+        statement does not train to the end: the call is cancelled as its object goes away)."""
+        if self._handled:
+            return
+        self._handled = True
+        warnings.warn(
+            f"the train run of model {self._model_id!r} was never iterated, so it was cancelled "
+            f"(the model keeps any step the server completed meanwhile); {self._how} to train "
+            "to the end",
+            RuntimeWarning, stacklevel=3)
 
     def _record(self, msg: Any) -> TrainEvent:
         event = train_event(msg)
@@ -67,7 +85,12 @@ class _RunState:
 
 
 class TrainRun(_RunState):
-    """Iterator of TrainEvent for one server-side run. Breaking out or cancel() stops the run."""
+    """Iterator of TrainEvent for one server-side run. Breaking out or cancel() stops the run.
+
+    The run starts on the server when train() returns and goes on while it is iterated; a run
+    dropped without being iterated is cancelled, with a RuntimeWarning (fit() iterates it to the
+    end for you).
+    """
 
     def __iter__(self) -> Iterator[TrainEvent]:
         self._open()
@@ -81,9 +104,14 @@ class TrainRun(_RunState):
 
     def cancel(self) -> None:
         """Stop the server loop (it keeps the last completed step)."""
+        self._handled = True
         if self._call.is_active():
             self._cancelled = True
             self._call.cancel()
+
+    def __del__(self) -> None:
+        self._warn_unused()
+        self.cancel()  # what grpc would do as the call goes away: now, not at its collection
 
 
 def _bar(total: int | None) -> Any:
@@ -223,7 +251,7 @@ class Client(ClientCalls[RemoteModel]):
         progress = sys.stdout.isatty() if call.progress is None else call.progress
         stream = self._stub_for(call.op.request.model_id).Train(
             call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return TrainRun(stream, call.total, progress)
+        return TrainRun(stream, call.total, progress, call.op.request.model_id)
 
     @staticmethod
     def _fit(run: TrainRun) -> History:

@@ -20,6 +20,8 @@ import numpy as np
 
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
+from ._install import torch_hint
+
 if TYPE_CHECKING:
     import torch
 
@@ -202,7 +204,7 @@ def _contiguous(value: ArrayLike, dtype: str | None) -> tuple[_DType, np.ndarray
         if name == "bfloat16":
             torch = _TORCH.load()
             if torch is None:
-                raise CodecError("encoding bfloat16 from numpy needs torch installed")
+                raise CodecError(f"encoding bfloat16 from numpy needs torch: {torch_hint()}")
             return _torch_array(torch.from_numpy(np.array(arr, dtype=np.float32)), name)
         arr = arr.astype(_BY_NAME[name].numpy, copy=False)
     entry = _BY_NUMPY.get((arr.dtype.kind, arr.dtype.itemsize))
@@ -273,7 +275,7 @@ def to_torch(msg: pb.Tensor, what: str = "tensor", *, writable: bool = True) -> 
     """
     torch = _TORCH.load()
     if torch is None:
-        raise CodecError("decoding to torch needs torch installed")
+        raise CodecError(f"decoding to torch needs torch: {torch_hint()}")
     entry, shape = _entry(msg, what)
     data: Any = msg.data  # bytes, or a buffer from a framing view
     _check_length(entry, shape, data, what, msg)

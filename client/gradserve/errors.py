@@ -79,9 +79,17 @@ _BY_CODE: dict[grpc.StatusCode, type[GradServeError]] = {
 }
 
 
+# gRPC's words when nothing listens at the address: the first error a new user meets.
+NO_SERVER = ("failed to connect to all addresses", "Connection refused")
+NO_SERVER_HINT = ("; is gradserve-server running at that address? (start it with "
+                  "`gradserve-server`, or pass the address it serves on)")
+
+
 def from_rpc_error(exc: Any) -> GradServeError:
     """grpc.RpcError (sync or aio) -> the matching GradServeError subclass."""
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and details and any(s in details for s in NO_SERVER):
+        details += NO_SERVER_HINT
     cls = _BY_CODE.get(code, GradServeError)
     return cls(details or code.name, code)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ._install import extra_hint
 from .results import TrainEvent, TrainSummary
 
 
@@ -42,7 +43,7 @@ class History:
                 matplotlib.use("Agg", force=False)
             import matplotlib.pyplot as plt
         except ImportError:
-            raise ImportError("history.plot() needs matplotlib: pip install 'gradserve[plot]'") \
+            raise ImportError(f"history.plot() needs {extra_hint('plot', 'matplotlib')}") \
                 from None
         fig, ax = plt.subplots(figsize=(7, 4))
         if self.batch_losses:

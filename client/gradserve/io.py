@@ -8,7 +8,8 @@
     model.set_parameters(io.load_tensors("weights.safetensors"))
 
 Every failure is a FileError naming the file and what is wrong. YAML needs PyYAML and
-.safetensors needs safetensors (`pip install 'gradserve[cli]'`).
+.safetensors needs safetensors: the server extra has both; with the SDK alone, from a clone of
+gradserve, `pip install '.[cli]'`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _ops, codec
+from ._install import extra_hint
 
 # Keys a spec file may hold: Client.create_model's keyword arguments.
 SPEC_KEYS = tuple(inspect.signature(_ops.create_model).parameters)
@@ -63,8 +65,8 @@ def read_spec(path: str) -> dict[str, Any]:
         try:
             import yaml
         except ImportError:
-            raise FileError(f"{path}: YAML specs need PyYAML: pip install 'gradserve[cli]' (or "
-                            "use a .json spec)") from None
+            raise FileError(f"{path}: YAML specs need "
+                            f"{extra_hint('cli', 'PyYAML')} (or use a .json spec)") from None
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -186,8 +188,8 @@ def _safetensors(path: str, what: str) -> Any:
     try:
         import safetensors
     except ImportError:
-        raise FileError(f"{path}: {what} .safetensors needs safetensors: pip install "
-                        "'gradserve[cli]' (or use .npz)") from None
+        raise FileError(f"{path}: {what} .safetensors needs "
+                        f"{extra_hint('cli', 'safetensors')} (or use .npz)") from None
     return safetensors
 
 

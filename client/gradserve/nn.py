@@ -19,7 +19,9 @@ from typing import Any
 try:
     import torch
 except ImportError:  # pragma: no cover - the SDK works without torch; this module does not
-    raise ImportError("gradserve.nn needs torch: pip install torch") from None
+    from ._install import torch_hint
+
+    raise ImportError(f"gradserve.nn needs torch: {torch_hint()}") from None
 
 from .model import RemoteModel
 from .results import ForwardResult

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import re
 import resource
+import socket
+import ssl
 import threading
 import time
 from importlib import metadata
@@ -20,7 +24,7 @@ from .core.parallel import LOCAL, Parallel
 from .core.service import CheckpointResult, Core
 from .core.statedir import place_scratch
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, env_name
 from .tokens import load_tokens
 from .transport.interceptors import (
     AdmissionInterceptor,
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 # On SIGTERM, calls in progress get this share of --grace-seconds (at most RPC_GRACE_CAP_S);
-# checkpoints get the rest. docs/durability in README "Shutdown".
+# checkpoints get the rest. docs/durability.md documents the drain.
 RPC_GRACE_SHARE = 0.5
 RPC_GRACE_CAP_S = 10.0
 KEEPALIVE_S = 60  # the server pings quiet connections this often; a peer that does not answer
@@ -83,6 +87,103 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _flag(field: str) -> str:
+    """'--metrics-port (or GRADSERVE_METRICS_PORT)': how start-up errors name a setting."""
+    return f"--{field.replace('_', '-')} (or {env_name(field)})"
+
+
+def _listen_error(exc: OSError, host: str, port: int, fields: tuple[str, str]) -> StartupError:
+    """One line naming the flag, the value and the cause of a failed bind."""
+    host_field, port_field = fields
+    if exc.errno == errno.EADDRINUSE:
+        off = ", or -1 to turn /metrics off" if port_field == "metrics_port" else ""
+        return StartupError(
+            f"{_flag(port_field)} {port}: {host}:{port} is already in use by another process "
+            f"(another gradserve-server?); choose another port, 0 for a free one{off}")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(
+            f"{_flag(host_field)} {host!r}: not an address of this machine ({exc.strerror}); "
+            "use 127.0.0.1, 0.0.0.0 (every interface) or one of this machine's addresses")
+    if exc.errno == errno.EACCES:
+        return StartupError(f"{_flag(port_field)} {port}: permission denied: ports below 1024 "
+                            "need root (or CAP_NET_BIND_SERVICE); choose a port >= 1024")
+    return StartupError(f"{_flag(host_field)} {host!r} / {_flag(port_field)} {port}: cannot "
+                        f"listen there ({exc.strerror or exc})")
+
+
+def check_listen(host: str, port: int, fields: tuple[str, str]) -> None:
+    """StartupError (one line: flag, value, cause) unless some address of host can listen on
+    port, the rule gRPC's add_port follows; checked with plain sockets first because gRPC only
+    says "Failed to bind" and logs the cause on stderr."""
+    name = host.strip("[]")
+    try:
+        found = socket.getaddrinfo(name or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        cause = getattr(exc, "strerror", None) or exc
+        raise StartupError(f"{_flag(fields[0])} {host!r}: not an IP address of this machine, "
+                           f"and no name resolves to it ({cause})") from None
+    first: OSError | None = None
+    for family, kind, proto, _name, address in found:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+                probe.bind(address)
+                return
+        except OSError as exc:
+            first = first or exc
+    if first is not None:
+        raise _listen_error(first, host, port, fields)
+
+
+PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+
+
+def _read_pem(field: str, path: str, marker: re.Pattern[bytes], what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise StartupError(f"{_flag(field)} {path}: cannot read it "
+                           f"({exc.strerror or exc})") from None
+    if not marker.search(data):
+        raise StartupError(f"{_flag(field)} {path}: no {what} in it (expected a PEM block "
+                           f"'{marker.pattern.decode().replace('[A-Z ]*', '')}')")
+    return data
+
+
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Server credentials from --tls-cert/--tls-key/--tls-client-ca, each file checked first
+    (readable, PEM, key matching the certificate) so that a bad one is a one-line StartupError
+    rather than gRPC's "Failed to bind" with the cause in its log."""
+    if not settings.tls_cert:
+        return None
+    cert = _read_pem("tls_cert", settings.tls_cert, re.compile(rb"-----BEGIN CERTIFICATE-----"),
+                     "certificate")
+    key = _read_pem("tls_key", settings.tls_key, PRIVATE_KEY, "private key")
+    if b"ENCRYPTED" in key:
+        raise StartupError(f"{_flag('tls_key')} {settings.tls_key}: the private key is "
+                           "encrypted; gRPC needs it unencrypted (openssl pkey -in KEY -out NEW)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as exc:
+        cause = ("the key does not belong to the certificate"
+                 if exc.reason == "KEY_VALUES_MISMATCH" else f"OpenSSL: {exc.reason or exc}")
+        raise StartupError(f"{_flag('tls_cert')} {settings.tls_cert} with {_flag('tls_key')} "
+                           f"{settings.tls_key}: {cause}") from None
+    client_ca = None
+    if settings.tls_client_ca:
+        client_ca = _read_pem("tls_client_ca", settings.tls_client_ca,
+                              re.compile(rb"-----BEGIN CERTIFICATE-----"), "CA certificate")
+        try:
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+        except ssl.SSLError as exc:
+            raise StartupError(f"{_flag('tls_client_ca')} {settings.tls_client_ca}: OpenSSL: "
+                               f"{exc.reason or exc}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
 def resolve_device(name: str) -> torch.device:
     """auto -> cuda when available, else cpu; cuda:N checked against the devices present."""
     if name == "auto":
@@ -90,16 +191,19 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise StartupError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise StartupError(f"{_flag('device')} {name!r}: expected auto, cpu, cuda or cuda:N"
+                           ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise StartupError(f"--device {name}: CUDA is not available on this machine")
+            raise StartupError(f"{_flag('device')} {name}: CUDA is not available on this "
+                               "machine (or this torch build has no CUDA); use --device cpu")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise StartupError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise StartupError(f"{_flag('device')} {name}: this machine has only "
+                               f"{torch.cuda.device_count()} CUDA device(s), cuda:0 ...")
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise StartupError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+        raise StartupError(f"{_flag('device')} {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -135,6 +239,13 @@ class GradServer:
             parallel = self.driver
             self.metrics.world_size.set(group.world)
         try:
+            # Addresses and TLS files first: a mistake there is reported before anything is
+            # built (inside the try: the other ranks of a group then exit too).
+            check_listen(settings.host, settings.port, ("host", "port"))
+            if settings.metrics_port >= 0:
+                check_listen(self.metrics_host, settings.metrics_port,
+                             ("metrics_host", "metrics_port"))
+            self._credentials = tls_credentials(settings)
             self._build(settings, group, parallel)
         except BaseException:
             if self.driver is not None:
@@ -153,8 +264,6 @@ class GradServer:
             self.core.info.devices = [r.device for r in group.ranks]
             self.core.info.hosts = [r.host for r in group.ranks]
         else:
-            import socket
-
             self.core.info.hosts = [socket.gethostname()]
         self.shm = (SharedMemoryRegistry(settings.max_shm_mb * 1024 * 1024, settings.shm_ttl_s,
                                          settings.max_shm_regions,
@@ -208,17 +317,11 @@ class GradServer:
             housekeeping_s=min(1.0, idle / 4) if idle > 0 else 1.0)
         address = f"{settings.host}:{settings.port}"
         try:
-            credentials = None
-            if settings.tls_cert:
-                credentials = grpc.ssl_server_credentials(
-                    [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
-                    root_certificates=(Path(settings.tls_client_ca).read_bytes()
-                                       if settings.tls_client_ca else None),
-                    require_client_auth=bool(settings.tls_client_ca))
-            self.port = self.transport.add_port(address, credentials)
-        except (OSError, RuntimeError) as exc:
+            self.port = self.transport.add_port(address, self._credentials)
+        except (OSError, RuntimeError) as exc:  # taken since check_listen, or gRPC disagrees
             self.transport.close()
-            raise StartupError(f"cannot serve gRPC on {address}: {exc}") from None
+            raise StartupError(f"{_flag('host')} / {_flag('port')}: cannot serve gRPC on "
+                               f"{address}: {exc}") from None
         self.metrics_port = -1
         self._metrics_server: object | None = None
 
@@ -256,9 +359,9 @@ class GradServer:
             try:
                 self._metrics_server, self.metrics_port = self.metrics.serve(
                     self.metrics_host, self.settings.metrics_port)
-            except OSError as exc:
-                raise StartupError(f"cannot serve /metrics on {self.metrics_host}:"
-                                   f"{self.settings.metrics_port}: {exc.strerror}") from None
+            except OSError as exc:  # e.g. --metrics-port equal to the gRPC port just bound
+                raise _listen_error(exc, self.metrics_host, self.settings.metrics_port,
+                                    ("metrics_host", "metrics_port")) from None
         self.transport.start(("", SERVICE))
         log.info("gradserve serving", extra={"fields": {
             "grpc": f"{self.settings.host}:{self.port}", "metrics_port": self.metrics_port,

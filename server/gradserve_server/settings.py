@@ -9,20 +9,32 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 from .core.budget import default_budget_bytes
 from .core.limits import Limits
 
+# Seconds a timer may wait at most: a year (threading and asyncio refuse far larger timeouts).
+MAX_SECONDS = 365 * 24 * 3600
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DEFAULT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+# The largest integer any count or size setting takes: beyond it a float (a Prometheus value, a
+# budget share) no longer holds it exactly. Settings with a tighter limit name their own max=.
+MAX_INT = 2**53
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     """A setting. Numeric ones may name their accepted range, which validate() checks for every
-    field alike: min=, max= (inclusive) and above= (exclusive lower bound)."""
+    field alike: min=, max= (inclusive) and above= (exclusive lower bound). An integer setting
+    without max= is bounded by MAX_INT, a float one by MAX_SECONDS: every flag has a range."""
+    if "max" not in extra and not isinstance(default, (str, bool)):
+        extra["max"] = MAX_INT if isinstance(default, int) else MAX_SECONDS
     return field(default=default, metadata={"help": help, **extra})
 
 
@@ -32,6 +44,8 @@ def accepted_range(meta: Mapping[str, Any], kind: str) -> str:
     lo, hi, above = meta.get("min"), meta.get("max"), meta.get("above")
     if lo is not None and hi is not None:
         return f"{noun} in [{lo}, {hi}]"
+    if above is not None and hi is not None:
+        return f"{noun} in ({above}, {hi}]"
     parts = [f">= {lo}" if lo is not None else "", f"> {above}" if above is not None else "",
              f"<= {hi}" if hi is not None else ""]
     return " ".join([noun, *(p for p in parts if p)])
@@ -69,7 +83,8 @@ class Settings:
     max_graphs: int = _opt(64, "retained forward graphs per model", min=1)
     max_graph_mb: int = _opt(1024, "MiB of retained graphs per model (inputs, output and what "
                              "autograd saves)", min=1)
-    graph_ttl_s: float = _opt(300.0, "seconds an unused retained graph is kept", above=0)
+    graph_ttl_s: float = _opt(300.0, "seconds an unused retained graph is kept", above=0,
+                              max=MAX_SECONDS)
     max_train_runs: int = _opt(8, "concurrent Train/TrainStream runs (0 refuses them)", min=0)
     max_dataset_mb: int = _opt(8192, "MiB of uploaded datasets, all together", min=0)
     request_id_window: int = _opt(1024, "remembered request ids per model (exactly-once retries)",
@@ -80,7 +95,7 @@ class Settings:
     max_shm_mb: int = _opt(4096, "MiB of same-host shared memory clients may register at once "
                            "(0 disables the shared-memory fast path)", min=0)
     shm_ttl_s: float = _opt(300.0, "seconds an unused shared-memory region stays registered",
-                            above=0)
+                            above=0, max=MAX_SECONDS)
     max_shm_regions: int = _opt(256, "shared-memory regions registered at once, all callers",
                                 min=1)
     max_shm_regions_per_connection: int = _opt(
@@ -103,18 +118,18 @@ class Settings:
     # transport
     stream_idle_seconds: float = _opt(
         120.0, "a stream that waits this long for its client (no message in, or no reply read) "
-        "ends with DEADLINE_EXCEEDED; 0: never", min=0)
+        "ends with DEADLINE_EXCEEDED; 0: never", min=0, max=MAX_SECONDS)
     max_concurrent_rpcs: int = _opt(
         10000, "open RPCs of every kind together (health Watch streams at most a tenth of "
         "them); beyond it new calls get RESOURCE_EXHAUSTED; health Check always answers",
-        min=1)
+        min=1, max=2**30)  # gRPC takes twice this as a C int (the pending-requests hard limit)
     max_connections: int = _opt(
         0, "client connections held at once; beyond it new ones wait in the kernel's queue "
         "(0: the descriptor limit less an eighth, at least 64, kept for the server's own files)",
-        min=0)
+        min=0, max=2**31 - 1)
     max_streams_per_connection: int = _opt(
         1000, "concurrent RPCs on one client connection (HTTP/2 max concurrent streams); "
-        "the client queues the rest", min=1)
+        "the client queues the rest", min=1, max=2**31 - 1)
     tune_malloc: int = _opt(
         1, "1: this process keeps large message buffers in one glibc heap (mmap threshold "
         "512 MiB, trim threshold 1 GiB, one arena) and returns its free memory once no call has "
@@ -127,8 +142,10 @@ class Settings:
     state_dir: str = _opt("", "directory for checkpoints; models are restored from it at start")
     autosave_steps: int = _opt(0, "during Train, checkpoint every N steps (0: off)", min=0)
     autosave_seconds: float = _opt(0.0, "every N seconds, checkpoint in the background every "
-                                   "model changed since its last checkpoint (0: off)", min=0)
-    grace_seconds: float = _opt(20.0, "on SIGTERM: time to stop loops and checkpoint", min=0)
+                                   "model changed since its last checkpoint (0: off)", min=0,
+                                   max=MAX_SECONDS)
+    grace_seconds: float = _opt(20.0, "on SIGTERM: time to stop loops and checkpoint", min=0,
+                                max=MAX_SECONDS)
     persist_datasets: int = _opt(0, "1: write uploaded datasets to --state-dir so that they "
                                  "survive restarts (0: memory only)", min=0, max=1)
     # distributed (under torchrun with WORLD_SIZE > 1; docs/scaling.md)
@@ -188,7 +205,9 @@ class Settings:
                 try:
                     values[f.name] = _convert(f.type, raw)
                 except ValueError:
-                    parser.error(f"{env_name(f.name)}={raw!r}: expected {f.type}")
+                    kind = {"int": "an integer", "float": "a number"}.get(str(f.type), f.type)
+                    parser.error(f"{env_name(f.name)} (or --{f.name.replace('_', '-')}) "
+                                 f"{raw!r}: expected {kind}")
         parsed = parser.parse_args(argv)
         values.update({k: v for k, v in vars(parsed).items() if v is not None})
         settings = cls(**values)
@@ -205,6 +224,13 @@ class Settings:
             if str(f.type) in ("int", "float") and not in_range(value, f.metadata):
                 parser.error(f"--{f.name.replace('_', '-')} (or {env_name(f.name)}) {value!r}: "
                              f"expected {accepted_range(f.metadata, str(f.type))}")
+        if not DEVICE.fullmatch(self.device):
+            parser.error(f"--device (or GRADSERVE_DEVICE) {self.device!r}: expected auto, cpu, "
+                         "cuda or cuda:N")
+        if self.port and self.port == self.metrics_port:
+            parser.error(f"--metrics-port (or GRADSERVE_METRICS_PORT) {self.metrics_port}: it "
+                         "is the gRPC port (--port) too; choose another, or -1 to turn /metrics "
+                         "off")
         if bool(self.tls_cert) != bool(self.tls_key):
             parser.error("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -249,8 +275,16 @@ def _convert(kind: Any, raw: str) -> Any:
     return converters.get(name, kind)(raw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (not argparse's usage block of every flag first): the flag, the
+    value and what is expected; exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists every flag)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gradserve-server",
         description="Serve PyTorch gradients, steps and training loops over gRPC.",
         epilog="Every flag is also an environment variable: --max-models -> GRADSERVE_MAX_MODELS.",

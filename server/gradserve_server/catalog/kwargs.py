@@ -10,6 +10,7 @@ Three checks, the same for every catalog (layers, losses, optimizers, schedules,
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import types
@@ -177,6 +178,24 @@ def _signature(fn: Callable[..., Any]) -> Mapping[str, inspect.Parameter]:
         return inspect.signature(fn).parameters
 
 
+def suggest(name: object, choices: Iterable[str]) -> str:
+    """' (did you mean 'mse'?)' for a near miss of one of choices: another case or underscores
+    ('MSE', 'Adam', 'linear', 'CrossEntropyLoss'), a prefix either way ('in' for 'in_features',
+    'mse_loss' for 'mse') or a typo; '' when nothing is close."""
+    if not isinstance(name, str) or not name:
+        return ""
+
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "")
+
+    options = sorted(choices, key=lambda c: (-len(c), c))  # the longest prefix wins
+    key = norm(name)
+    close = ([c for c in options if norm(c) == key]
+             or [c for c in options if key.startswith(norm(c)) or norm(c).startswith(key)]
+             or difflib.get_close_matches(name, options, n=1, cutoff=0.6))
+    return f" (did you mean {close[0]!r}?)" if close and close[0] != name else ""
+
+
 def check_kwargs(
     fn: Callable[..., Any],
     kwargs: Mapping[str, Any],
@@ -203,7 +222,8 @@ def check_kwargs(
     for key, value in kwargs.items():
         if key not in names:
             raise InvalidArgument(
-                f"{what}: unknown or forbidden argument {key!r}; allowed: {sorted(names)}"
+                f"{what}: unknown or forbidden argument {key!r}{suggest(key, names)}; allowed: "
+                f"{sorted(names)}"
             )
         default = params[key].default
         out[key] = _coerce(value, None if default is inspect.Parameter.empty else default)

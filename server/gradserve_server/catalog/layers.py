@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..core.errors import InvalidArgument
-from .kwargs import NON_NEGATIVE, POSITIVE, Bound, check_kwargs
+from .kwargs import NON_NEGATIVE, POSITIVE, Bound, check_kwargs, suggest
 
 # Every class a spec may name; kwargs are checked against each constructor's signature.
 LAYERS: dict[str, type[nn.Module]] = {
@@ -86,7 +86,8 @@ def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
         what = f"spec.layers[{i}] ({kind or 'no type'})"
         cls = LAYERS.get(kind)
         if cls is None:
-            raise InvalidArgument(f"{what}: unknown layer type; allowed: {sorted(LAYERS)}")
+            raise InvalidArgument(f"{what}: unknown layer type{suggest(kind, LAYERS)}; allowed: "
+                                  f"{sorted(LAYERS)}")
         kwargs = check_kwargs(cls.__init__, layer.get("kwargs", {}), what, bounds=BOUNDS)
         _check_window(kwargs, what)
         for key, value in kwargs.items():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..core.errors import InvalidArgument
-from .kwargs import NON_NEGATIVE, Bound, check_kwargs
+from .kwargs import NON_NEGATIVE, Bound, check_kwargs, suggest
 
 REDUCTIONS = ("mean", "sum")
 # Ranges by argument (types come from the loss classes' annotations); torch would accept a
@@ -57,7 +57,10 @@ class Loss:
     def __call__(self, output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         if self.module is None:
             if target is not None:
-                raise InvalidArgument("target: loss 'none' takes no target (the output is the loss)")
+                raise InvalidArgument(
+                    "target: this model was created without a loss (loss 'none': its output is "
+                    "the value to minimise, so it takes no target); to train it against "
+                    "targets, create it with one, e.g. create_model(..., loss='mse')")
             if output.numel() != 1:
                 raise InvalidArgument(
                     f"output: with loss 'none' the model output must be a scalar, got shape "
@@ -97,7 +100,8 @@ def build_loss(name: str, reduction: str, kwargs: Mapping[str, Any]) -> Loss:
     name = name or "none"
     entry = LOSSES.get(name)
     if entry is None:
-        raise InvalidArgument(f"spec.loss.type: unknown loss {name!r}; allowed: {sorted(LOSSES)}")
+        raise InvalidArgument(f"spec.loss.type: unknown loss {name!r}{suggest(name, LOSSES)}; "
+                              f"allowed: {sorted(LOSSES)}")
     if entry.cls is None:
         if kwargs:
             raise InvalidArgument("spec.loss.kwargs: loss 'none' takes no arguments")

@@ -9,7 +9,7 @@ import torch
 from torch import optim
 
 from ..core.errors import InvalidArgument
-from .kwargs import NON_NEGATIVE, Bound, check_kwargs
+from .kwargs import NON_NEGATIVE, Bound, check_kwargs, suggest
 
 _COMMON = frozenset({"lr", "weight_decay", "maximize"})
 OPTIMIZERS: dict[str, tuple[type[optim.Optimizer], frozenset[str]]] = {
@@ -53,7 +53,8 @@ def build_optimizer(
     entry = OPTIMIZERS.get(name)
     if entry is None:
         raise InvalidArgument(
-            f"spec.optimizer.type: unknown optimizer {name!r}; allowed: {sorted(OPTIMIZERS)}"
+            f"spec.optimizer.type: unknown optimizer {name!r}{suggest(name, OPTIMIZERS)}; "
+            f"allowed: {sorted(OPTIMIZERS)}"
         )
     cls, allowed = entry
     kwargs = check_kwargs(cls.__init__, params, f"spec.optimizer ({name})", allowed=allowed,

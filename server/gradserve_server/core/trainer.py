@@ -1,6 +1,6 @@
 """Server-side training loops (Train) and caller-driven steps (TrainStream).
 
-The loop equals this local PyTorch code (README "Train" documents it for users):
+The loop equals this local PyTorch code (docs/models.md "The loop, exactly" documents it for users):
 
     for epoch in range(epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
