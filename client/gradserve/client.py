@@ -138,7 +138,7 @@ class Client(ClientCalls[RemoteModel]):
     (docs/sdk.md, "Several servers"). token: bearer token; tls / root_certificates / client_cert / client_key: TLS and mutual TLS
     (PEM bytes or file paths). timeout: the default deadline of a call in seconds, over all its
     attempts and the waits between them (Train runs have none unless given). retries: further
-    attempts after UNAVAILABLE for calls safe to repeat (the methods service_config.json names;
+    attempts after UNAVAILABLE (or a CANCELLED it did not cause) for calls safe to repeat (the methods service_config.json names;
     0: one attempt); DEADLINE_EXCEEDED is never retried. shared_memory: send large
     Forward/Backward tensors through shared memory when the server is on this host
     (gradserve.shm); None (default) tries it for loopback addresses and falls back to the wire
