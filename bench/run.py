@@ -264,8 +264,9 @@ def mlp(servers: common.Servers, report: Report, calls: int) -> None:
     """MLP 784-256-10 b64: one remote step (fused Backward + Step) next to a local step."""
     from gradserve import Client
 
-    layers = [{"type": "Linear", "in_features": 784, "out_features": 256}, {"type": "ReLU"},
-              {"type": "Linear", "in_features": 256, "out_features": 10}]
+    layers: list[dict[str, Any]] = [
+        {"type": "Linear", "in_features": 784, "out_features": 256}, {"type": "ReLU"},
+        {"type": "Linear", "in_features": 256, "out_features": 10}]
     x = torch.randn(64, 784)
     y = torch.randint(0, 10, (64,))
     torch.manual_seed(0)

@@ -11,11 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="server tests need the [server] extra")
 
-from gradserve import Client  # noqa: E402
-from gradserve_server.app import GradServer, build_server  # noqa: E402
-from gradserve_server.settings import Settings  # noqa: E402
-
-from test_fuzz import register_profiles  # noqa: E402 - before --hypothesis-profile applies
+from gradserve import Client
+from gradserve_server.app import GradServer, build_server
+from gradserve_server.settings import Settings
+from test_fuzz import register_profiles
 
 register_profiles()
 

@@ -8,7 +8,6 @@ from typing import Any
 import grpc
 import pytest
 import torch
-
 from gradserve import Client, FailedPreconditionError, ResourceExhaustedError
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from gradserve import Client, FailedPreconditionError
 from gradserve_server.app import GradServer
+from torch import nn
 
 THREADS, BATCHES = 16, 6
 MAX_GRAPHS = 32

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from gradserve import (
     Client,
     PermissionDeniedError,
@@ -34,9 +33,8 @@ def test_tokens_and_scopes(make_server: Any, tmp_path: Path) -> None:
         assert anonymous.health() == "SERVING"  # health stays open
         with pytest.raises(UnauthenticatedError, match="bearer token"):
             anonymous.list_models()
-    with Client(address, token="wrong") as wrong:
-        with pytest.raises(UnauthenticatedError):
-            wrong.list_models()
+    with Client(address, token="wrong") as wrong, pytest.raises(UnauthenticatedError):
+        wrong.list_models()
     with Client(address, token="admin-token") as admin:
         m = admin.create_model(layers=LINEAR, loss="mse", seed=0, model_id="secured")
     with Client(address, token="reader") as reader:
@@ -107,9 +105,9 @@ def test_tls(make_server: Any, tmp_path: Path) -> None:
     server = make_server(tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]))
     with Client(f"127.0.0.1:{server.port}", root_certificates=str(pki["ca.crt"])) as client:
         assert client.create_model(layers=LINEAR, seed=0).forward(torch.ones(1, 2)).shape == (1, 1)
-    with Client(f"127.0.0.1:{server.port}", timeout=3, retries=0) as plaintext:
-        with pytest.raises(UnavailableError):
-            plaintext.list_models()
+    with (Client(f"127.0.0.1:{server.port}", timeout=3, retries=0) as plaintext,
+          pytest.raises(UnavailableError)):
+        plaintext.list_models()
 
 
 @pytest.mark.hostile("auth, tokens, TLS")
@@ -121,6 +119,6 @@ def test_mutual_tls(make_server: Any, tmp_path: Path) -> None:
     with Client(address, root_certificates=str(pki["ca.crt"]), client_cert=str(pki["client.crt"]),
                 client_key=str(pki["client.key"])) as client:
         assert client.list_models() == []
-    with Client(address, root_certificates=str(pki["ca.crt"]), timeout=3, retries=0) as anonymous:
-        with pytest.raises(UnavailableError):
-            anonymous.list_models()
+    with (Client(address, root_certificates=str(pki["ca.crt"]), timeout=3, retries=0) as anonymous,
+          pytest.raises(UnavailableError)):
+        anonymous.list_models()

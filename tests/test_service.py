@@ -12,12 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from gradserve import Client
 from gradserve_server.app import GradServer
 from gradserve_server.settings import Settings, env_name
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +44,7 @@ def test_health_serving(server: GradServer) -> None:
 
 
 def test_stubs_match_protos() -> None:
-    result = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT, check=False,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 

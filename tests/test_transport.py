@@ -100,9 +100,9 @@ def test_cli_says_in_one_line_that_the_port_is_taken() -> None:
              "--metrics-port", "-1"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"gradserve-server: --port (or GRADSERVE_PORT) {port}: 127.0.0.1:{port} is "
-                     "already in use by another process (another gradserve-server?); choose "
-                     "another port, 0 for a free one"], lines
+    assert lines == [(f"gradserve-server: --port (or GRADSERVE_PORT) {port}: 127.0.0.1:{port} is "
+                      "already in use by another process (another gradserve-server?); choose "
+                      "another port, 0 for a free one")], lines
     assert "Traceback" not in result.stderr
 
 

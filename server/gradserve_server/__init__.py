@@ -1,6 +1,6 @@
 """gradserve server: PyTorch models behind a gRPC gradient service."""
 
-__all__ = ["build_server", "Settings"]
+__all__ = ["Settings", "build_server"]
 
 
 def __getattr__(name: str) -> object:  # lazy: importing the package starts nothing

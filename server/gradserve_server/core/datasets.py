@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import math
 import threading
@@ -234,7 +235,7 @@ class DatasetStore:
                             f"dataset file {path}: {dataset.nbytes} bytes do not fit the limit "
                             f"(max_dataset_mb) beside the {self.bytes_held} bytes restored")
                     self.budget.charge("datasets", dataset.nbytes,
-                                       lambda: f"dataset file {path}")
+                                       functools.partial("dataset file {}".format, path))
                     self._datasets[dataset.id] = dataset
                 restored.append(dataset.id)
             except ResourceExhausted as exc:

@@ -53,7 +53,7 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
         shapes = data.get("parameter_shapes", {})
         return cls(
             source=data["source"], layers=data["layers"], expression=data["expression"],
