@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -27,6 +28,7 @@ from ..catalog.layers import build_sequential
 from ..catalog.losses import Loss, build_loss
 from ..catalog.optimizers import build_optimizer, state_factor
 from ..catalog.plugins import build_plugin
+from ..catalog.schedules import LRScheduler
 from . import estimate
 from .budget import MemoryBudget, Reservation, fmt_bytes
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -57,6 +59,16 @@ class BackwardResult:
     input_grads: list[torch.Tensor] = field(default_factory=list)
     output: torch.Tensor | None = None
     outputs: list[torch.Tensor] = field(default_factory=list)  # all, for multi-output models
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step did: the model's step count after it, the total gradient norm
+    before clipping (nan when not computed) and the learning rate it used."""
+
+    step: int
+    grad_norm: float
+    lr: float
 
 
 @dataclass
@@ -741,12 +753,12 @@ class Model:
                     roots.append(o)
                     grads_in.append(g.to(device=o.device, dtype=o.dtype))
         elif grad_output is not None:
-            g = self.prepare_target(grad_output)
-            assert g is not None
-            if g.shape != out.shape:
-                raise InvalidArgument(f"grad_output: shape {list(g.shape)} does not match the "
-                                      f"output shape {list(out.shape)}")
-            roots, grads_in = [out], [g.to(out.dtype)]
+            upstream = self.prepare_target(grad_output)
+            assert upstream is not None
+            if upstream.shape != out.shape:
+                raise InvalidArgument(f"grad_output: shape {list(upstream.shape)} does not match "
+                                      f"the output shape {list(out.shape)}")
+            roots, grads_in = [out], [upstream.to(out.dtype)]
         else:
             loss = self.loss_fn(out, y)
             loss_value = float(loss.detach())
@@ -784,17 +796,47 @@ class Model:
                              lambda: self._step(zero_grad=not keep_grad))
 
     def _step(self, zero_grad: bool, samples: int = 0) -> int:
+        """Step and Backward(step=True): apply_step, timed and reported at once."""
         start = time.perf_counter()
-        if self.optimizer is not None:
-            self.optimizer.step()
-            if zero_grad:
-                self.optimizer.zero_grad()
-        self.step_count += 1
+        stats = self.apply_step(zero_grad=zero_grad)
         self._timed("optimizer_step", start)
         self.hooks.steps(self.id, 1, samples)
         if self.optimizer is not None:
             self.hooks.learning_rate(self.id, float(self.optimizer.param_groups[0]["lr"]))
-        return self.step_count
+        return stats.step
+
+    @property
+    def learning_rate(self) -> float:
+        """The first parameter group's learning rate (0 without an optimizer)."""
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
+
+    def apply_step(self, *, zero_grad: bool = True, clip: float = 0.0,
+                   schedule: LRScheduler | None = None, want_norm: bool = False) -> StepStats:
+        """The one optimizer step of every path (Step, Backward(step=True), Train, TrainStream):
+        clip_grad_norm_ (clip > 0), optimizer.step(), schedule.step(), zero_grad, count it.
+
+        Caller holds the lock. The gradients are final when this is called (accumulated, and
+        in a data-parallel run already reduced). grad_norm: the total norm before clipping,
+        computed when clipping or asked (want_norm), else nan; lr: what this step used.
+        """
+        norm = math.nan
+        if clip > 0:
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            if params:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            elif want_norm:
+                norm = 0.0
+        elif want_norm:
+            norm = self.total_grad_norm()
+        lr = self.learning_rate
+        if self.optimizer is not None:
+            self.optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            if zero_grad:
+                self.optimizer.zero_grad()
+        self.step_count += 1
+        return StepStats(self.step_count, norm, lr)
 
     def zero_grad(self, request_id: str = "") -> None:
         with self.mutating():

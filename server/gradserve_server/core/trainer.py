@@ -95,6 +95,56 @@ class StreamResult:
     skipped: bool
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """How long a Train run is, worked out before it starts (stops may end it sooner)."""
+
+    epochs: int
+    batches_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class _Run:
+    """The state of one Train run, shared by its pieces (batches, micro-steps, optimizer steps,
+    epoch ends, metrics)."""
+
+    model: Model
+    opts: TrainOptions
+    plan: RunPlan
+    schedule: LRScheduler | None
+    after_step: Callable[[Model], None] | None
+    start: float
+    steps: int = 0
+    samples: int = 0
+    skipped: int = 0
+    micro: int = 0  # batches whose gradients wait for the next optimizer step
+    epochs_done: int = 0
+    losses: list[float] = field(default_factory=list)  # this epoch's batch losses
+    last_loss: float = math.nan
+    epoch_loss: float = math.nan
+    grad_norm: float = math.nan
+    lr: float = math.nan
+    reason: str | None = None
+    message: str = ""
+    # Metrics not yet written: they are written in batches (at events, epoch ends, the end, and
+    # at least every FLUSH_S), since per-step hook calls cost as much as a small model's step.
+    pending_steps: int = 0
+    pending_samples: int = 0
+    flushed: float = 0.0
+
+    def event(self, kind: str, epoch: int, val: float | None = None,
+              summary: Summary | None = None) -> Event:
+        elapsed = time.perf_counter() - self.start
+        return Event(kind, self.model.step_count, epoch, self.last_loss, self.epoch_loss,
+                     self.samples / elapsed if elapsed > 0 else 0.0, self.lr, self.grad_norm,
+                     elapsed, val, summary, self.steps)
+
+    def update_epoch_loss(self) -> None:
+        if self.losses:
+            self.epoch_loss = math.fsum(self.losses) / len(self.losses)
+
+
 class Trainer:
     """Runs loops, bounds how many run at once, and stops them all on shutdown."""
 
@@ -132,32 +182,6 @@ class Trainer:
             self._active -= 1
         self.hooks.train_runs(-1)
 
-    # ---------------------------------------------------------------- one optimizer step
-
-    @staticmethod
-    def _lr(model: Model) -> float:
-        return float(model.optimizer.param_groups[0]["lr"]) if model.optimizer else 0.0
-
-    @staticmethod
-    def _apply_step(model: Model, sched: LRScheduler | None, clip: float, want_norm: bool
-                    ) -> tuple[float, float]:
-        """Clip, optimizer.step, scheduler.step, zero_grad (caller holds the lock)."""
-        norm = math.nan
-        params = ([p for p in model.module.parameters() if p.grad is not None] if clip > 0
-                  else [])
-        if params:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        elif want_norm:
-            norm = model.total_grad_norm()
-        lr = Trainer._lr(model)
-        if model.optimizer is not None:
-            model.optimizer.step()
-            if sched is not None:
-                sched.step()
-            model.optimizer.zero_grad()
-        model.step_count += 1
-        return norm, lr
-
     # ---------------------------------------------------------------- Train
 
     def train(self, model: Model, data: TrainData | None, validation: TrainData | None,
@@ -193,7 +217,16 @@ class Trainer:
             raise InvalidArgument("options: set epochs or max_steps")
         return data.num_samples
 
+    def plan(self, objective: bool, n: int, opts: TrainOptions) -> RunPlan:
+        """Epochs, batches per epoch and optimizer steps of a run that is not stopped early."""
+        batches_per_epoch = opts.max_steps if objective else len(self._batches(n, opts, 0))
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
+        epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
+        total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
+        return RunPlan(epochs, batches_per_epoch, total)
+
     def _batches(self, n: int, opts: TrainOptions, epoch: int) -> list[slice | torch.Tensor]:
+        """The epoch's batches of sample indices, as the documented loop takes them."""
         bs = opts.batch_size or n
         starts = [s for s in range(0, n, bs) if not (opts.drop_last and s + bs > n)]
         if not opts.shuffle:
@@ -248,138 +281,157 @@ class Trainer:
     def _run(self, model: Model, data: TrainData | None, validation: TrainData | None,
              opts: TrainOptions, n: int, cancelled: Callable[[], bool],
              after_step: Callable[[Model], None] | None) -> Iterator[Event]:
-        objective = data is None
-        batches_per_epoch = opts.max_steps if objective else len(self._batches(n, opts, 0))
-        steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
-        epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
-        total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
+        """The loop: epochs of batches, an event at the chosen cadence, the summary last."""
+        plan = self.plan(data is None, n, opts)
         with model.lock:
             sched = build_schedule(model.optimizer, opts.schedule, opts.schedule_params,
-                                   opts.warmup_steps, opts.warmup_start_factor, total)
+                                   opts.warmup_steps, opts.warmup_start_factor, plan.total_steps)
             model.module.zero_grad()
             model.module.train()
-        inputs = data.inputs if data is not None else []
-        target = data.target if data is not None else None
         start = time.perf_counter()
-        steps = samples = skipped = micro = 0
-        epoch_done = 0
-        last_loss = epoch_loss = grad_norm = lr = math.nan
-        reason: str | None = None
-        message = ""
-        tel = self.hooks
-        # Telemetry is written in batches (at events, epoch ends, the end, and at least every
-        # FLUSH_S): per-step hook calls cost as much as the step of a small model.
-        pending_steps = pending_samples = 0
-        flushed = start
-
-        def flush() -> None:
-            nonlocal pending_steps, pending_samples, flushed
-            if pending_steps or pending_samples:
-                tel.steps(model.id, pending_steps, pending_samples)
-            if pending_steps:
-                tel.loss(model.id, last_loss)
-                tel.learning_rate(model.id, lr)
-                if not math.isnan(grad_norm):
-                    tel.grad_norm(model.id, grad_norm)
-            pending_steps = pending_samples = 0
-            flushed = time.perf_counter()
-
-        def event(kind: str, epoch: int, val: float | None = None,
-                  summary: Summary | None = None) -> Event:
-            elapsed = time.perf_counter() - start
-            return Event(kind, model.step_count, epoch, last_loss, epoch_loss,
-                         samples / elapsed if elapsed > 0 else 0.0, lr, grad_norm, elapsed,
-                         val, summary, steps)
-
-        for epoch in range(epochs):
-            losses: list[float] = []
-            batches: Sequence[Any] = (range(opts.max_steps) if objective
+        run = _Run(model, opts, plan, sched, after_step, start, flushed=start)
+        for epoch in range(plan.epochs):
+            run.losses = []
+            batches: Sequence[Any] = (range(opts.max_steps) if data is None
                                       else self._batches(n, opts, epoch))
             for i, idx in enumerate(batches):
-                reason = self._stop_requested(model, cancelled)
-                if reason:
+                run.reason = self._stop_requested(model, cancelled)
+                if run.reason:
                     break
-                t0 = time.perf_counter()
-                with model.lock:
-                    if objective:
-                        out = model.run_module([])
-                        loss = model.loss_fn(out, None)
-                        batch_n = 1
-                    else:
-                        xs = model.prepare_inputs([t[idx] for t in inputs])
-                        y = model.prepare_target(target[idx] if target is not None else None)
-                        out = model.run_module(xs)
-                        loss = model.loss_fn(out, y)
-                        batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        if opts.skip_nonfinite:
-                            skipped += 1
-                            continue
-                        reason = NON_FINITE
-                        message = (f"the loss was {value} at epoch {epoch}, batch {i} (model step "
-                                   f"{model.step_count}); lower the learning rate, clip gradients "
-                                   "or set skip_nonfinite")
-                        break
-                    (loss / opts.accumulation_steps if opts.accumulation_steps > 1
-                     else loss).backward()
-                    micro += 1
-                    stepped = micro == opts.accumulation_steps or i == len(batches) - 1
-                    if stepped:
-                        # The norm costs a pass over the gradients: only when an event shows it.
-                        emit = (bool(opts.log_every_steps)
-                                and (steps + 1) % opts.log_every_steps == 0
-                                ) or i == len(batches) - 1 or steps + 1 == opts.max_steps
-                        grad_norm, lr = self._apply_step(model, sched, opts.clip_grad_norm, emit)
-                        micro = 0
-                        steps += 1
-                        if after_step is not None:
-                            after_step(model)
-                last_loss = value
-                losses.append(value)
-                samples += batch_n
-                t1 = time.perf_counter()
-                tel.phase_seconds(model.id, "train_step", t1 - t0)
-                # Every batch's samples count, also those that only accumulate gradients.
-                pending_samples += batch_n
+                stepped = self._train_batch(run, data, idx, epoch, i, i == len(batches) - 1)
+                if run.reason:
+                    break
                 if stepped:
-                    pending_steps += 1
-                if t1 - flushed > FLUSH_S:
-                    flush()
-                if stepped:
-                    if opts.log_every_steps and steps % opts.log_every_steps == 0:
-                        epoch_loss = math.fsum(losses) / len(losses)
-                        flush()
-                        yield event(PROGRESS, epoch)
-                    if opts.max_steps and steps >= opts.max_steps:
-                        reason = MAX_STEPS
+                    if opts.log_every_steps and run.steps % opts.log_every_steps == 0:
+                        run.update_epoch_loss()
+                        self._flush(run)
+                        yield run.event(PROGRESS, epoch)
+                    if opts.max_steps and run.steps >= opts.max_steps:
+                        run.reason = MAX_STEPS
                         break
-            if losses:
-                epoch_loss = math.fsum(losses) / len(losses)
-            flush()
-            if reason in (CANCELLED, SHUTDOWN, NON_FINITE) or not losses:
+            end = self._end_epoch(run, epoch, validation)
+            if end is None:
                 break
-            epoch_done += 1
-            val = self._evaluate(model, validation, opts) if validation is not None else None
-            tel.loss(model.id, epoch_loss)
-            if not math.isnan(lr):
-                tel.learning_rate(model.id, lr)
-            if not math.isnan(grad_norm):
-                tel.grad_norm(model.id, grad_norm)
-            yield event(EPOCH_END, epoch, val)
-            if reason:
+            yield end
+            if run.reason:
                 break
-            if opts.stop_loss is not None and epoch_loss < opts.stop_loss:
-                reason = STOP_LOSS
+            if opts.stop_loss is not None and run.epoch_loss < opts.stop_loss:
+                run.reason = STOP_LOSS
                 break
+        yield self._done(run)
+
+    def _train_batch(self, run: _Run, data: TrainData | None, idx: Any, epoch: int, i: int,
+                     last: bool) -> bool:
+        """One batch: a micro-step, then an optimizer step when its accumulation group is
+        complete (or the epoch ends). Returns whether it stepped; a skipped batch or one that
+        stops the run (run.reason) does not."""
+        model, opts = run.model, run.opts
+        t0 = time.perf_counter()
+        with model.lock:
+            value, batch_n = self._micro_step(model, data, idx, opts.accumulation_steps)
+            if not math.isfinite(value):
+                if opts.skip_nonfinite:
+                    run.skipped += 1
+                else:
+                    run.reason = NON_FINITE
+                    run.message = (f"the loss was {value} at epoch {epoch}, batch {i} (model "
+                                   f"step {model.step_count}); lower the learning rate, clip "
+                                   "gradients or set skip_nonfinite")
+                return False
+            run.micro += 1
+            stepped = run.micro == opts.accumulation_steps or last
+            if stepped:
+                # The norm costs a pass over the gradients: only when an event shows it.
+                shown = (bool(opts.log_every_steps)
+                         and (run.steps + 1) % opts.log_every_steps == 0
+                         ) or last or run.steps + 1 == opts.max_steps
+                self._optimizer_step(run, shown)
+        run.last_loss = value
+        run.losses.append(value)
+        run.samples += batch_n
+        t1 = time.perf_counter()
+        self.hooks.phase_seconds(model.id, "train_step", t1 - t0)
+        # Every batch's samples count, also those that only accumulate gradients.
+        run.pending_samples += batch_n
+        if stepped:
+            run.pending_steps += 1
+        if t1 - run.flushed > FLUSH_S:
+            self._flush(run)
+        return stepped
+
+    @staticmethod
+    def _micro_step(model: Model, data: TrainData | None, idx: Any, accumulation: int
+                    ) -> tuple[float, int]:
+        """Forward and loss of one batch (data None: the objective), and for a finite loss its
+        backward, divided by `accumulation` when gradients accumulate over several batches.
+        Returns (the loss, samples in the batch). Caller holds the lock."""
+        if data is None:
+            loss = model.loss_fn(model.run_module([]), None)
+            batch_n = 1
+        else:
+            xs = model.prepare_inputs([t[idx] for t in data.inputs])
+            y = model.prepare_target(data.target[idx] if data.target is not None else None)
+            loss = model.loss_fn(model.run_module(xs), y)
+            batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore[union-attr]
+        value = loss.item()
+        if math.isfinite(value):
+            (loss / accumulation if accumulation > 1 else loss).backward()
+        return value, batch_n
+
+    @staticmethod
+    def _optimizer_step(run: _Run, want_norm: bool) -> None:
+        """The optimizer step closing an accumulation group, through the model's one step path;
+        then the run's counters and after_step (autosave). Caller holds the lock."""
+        stats = run.model.apply_step(clip=run.opts.clip_grad_norm, schedule=run.schedule,
+                                     want_norm=want_norm)
+        run.grad_norm, run.lr = stats.grad_norm, stats.lr
+        run.micro = 0
+        run.steps += 1
+        if run.after_step is not None:
+            run.after_step(run.model)
+
+    def _flush(self, run: _Run) -> None:
+        """Write the run's pending step and loss metrics."""
+        tel, model_id = self.hooks, run.model.id
+        if run.pending_steps or run.pending_samples:
+            tel.steps(model_id, run.pending_steps, run.pending_samples)
+        if run.pending_steps:
+            tel.loss(model_id, run.last_loss)
+            tel.learning_rate(model_id, run.lr)
+            if not math.isnan(run.grad_norm):
+                tel.grad_norm(model_id, run.grad_norm)
+        run.pending_steps = run.pending_samples = 0
+        run.flushed = time.perf_counter()
+
+    def _end_epoch(self, run: _Run, epoch: int, validation: TrainData | None) -> Event | None:
+        """The epoch's loss, validation and metrics, as an EPOCH_END event; None when the epoch
+        did not complete (cancelled, shut down, non-finite, or every batch skipped)."""
+        run.update_epoch_loss()
+        self._flush(run)
+        if run.reason in (CANCELLED, SHUTDOWN, NON_FINITE) or not run.losses:
+            return None
+        run.epochs_done += 1
+        val = (self._evaluate(run.model, validation, run.opts) if validation is not None
+               else None)
+        tel, model_id = self.hooks, run.model.id
+        tel.loss(model_id, run.epoch_loss)
+        if not math.isnan(run.lr):
+            tel.learning_rate(model_id, run.lr)
+        if not math.isnan(run.grad_norm):
+            tel.grad_norm(model_id, run.grad_norm)
+        return run.event(EPOCH_END, epoch, val)
+
+    def _done(self, run: _Run) -> Event:
+        """The DONE event with the run's summary."""
         # The last step's loss is what local code would report after the loop.
-        final = epoch_loss if not math.isnan(epoch_loss) else last_loss
-        summary = Summary(steps, epoch_done, final, reason or COMPLETED, skipped, message,
-                          model.step_count)
+        final = run.epoch_loss if not math.isnan(run.epoch_loss) else run.last_loss
+        reason = run.reason or COMPLETED
+        summary = Summary(run.steps, run.epochs_done, final, reason, run.skipped, run.message,
+                          run.model.step_count)
         if not math.isnan(final):
-            tel.loss(model.id, final)
-        yield event(DONE, max(0, epoch_done - 1) if reason != CANCELLED else epoch_done,
-                    summary=summary)
+            self.hooks.loss(run.model.id, final)
+        epoch = run.epochs_done if reason == CANCELLED else max(0, run.epochs_done - 1)
+        return run.event(DONE, epoch, summary=summary)
 
     def _evaluate(self, model: Model, data: TrainData, opts: TrainOptions) -> float:
         """Mean loss over the validation set in eval mode, weighting batches by their size."""
@@ -493,9 +545,10 @@ class StreamSession:
                     raise FailedPrecondition(
                         f"batch {k}: the loss was {value}; the stream ends (set "
                         "skip_nonfinite to skip such batches)")
-                return StreamResult(model.step_count, value, math.nan, trainer._lr(model), True)
+                return StreamResult(model.step_count, value, math.nan, model.learning_rate, True)
             loss.backward()
-            norm, lr = trainer._apply_step(model, self._sched, self.clip, want_norm=True)
+            stats = model.apply_step(clip=self.clip, schedule=self._sched, want_norm=True)
+            norm, lr = stats.grad_norm, stats.lr
         hooks = trainer.hooks
         hooks.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
         hooks.steps(model.id, 1, batch.num_samples)
