@@ -313,6 +313,31 @@ def test_progress_bar_shows_loss(client: Client, capsys: Any) -> None:
     assert "20/20" in err and "loss=" in err
 
 
+@pytest.mark.parametrize(("options", "total"), [
+    ({"epochs": 2, "batch_size": 10}, 22),                           # 103 samples: 11 batches
+    ({"epochs": 3, "batch_size": 10, "drop_last": True}, 30),
+    ({"max_steps": 25, "batch_size": 10}, 25),                       # epochs from max_steps
+    ({"epochs": 3, "max_steps": 5, "batch_size": 10}, 5),
+    ({"epochs": 2, "batch_size": 10, "accumulation_steps": 3}, 8),   # ceil(11 / 3) per epoch
+])
+def test_every_event_reports_the_runs_total_steps(client: Client, options: dict[str, Any],
+                                                  total: int) -> None:
+    X, y = synthetic(103)
+    dataset = client.upload_dataset(X, y).dataset_id  # the client does not see the data
+    m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+    events = list(m.train(dataset=dataset, log_every_steps=1, **options))
+    assert {e.total_steps for e in events} == {total}
+    assert events[-1].summary.steps == total
+
+
+def test_progress_bar_total_comes_from_the_server(client: Client, capsys: Any) -> None:
+    X, y = synthetic(100)
+    dataset = client.upload_dataset(X, y).dataset_id
+    m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+    list(m.train(dataset=dataset, epochs=3, batch_size=10, progress=True))
+    assert "30/30" in capsys.readouterr().err
+
+
 def test_concurrent_trains_on_two_models(client: Client) -> None:
     X, y = synthetic(200)
     models = [client.create_model(layers=LINEAR, loss="mse", seed=0) for _ in range(2)]

@@ -7,7 +7,6 @@ call; clients only differ in how they run a Program (blocking or awaiting).
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import (
@@ -479,22 +478,13 @@ def schedule(spec: str | Mapping[str, Any] | None) -> pb.ScheduleSpec:
                            params=struct(cfg))
 
 
-def num_samples(inputs: Any, target: Any) -> int | None:
-    first = inputs[0] if isinstance(inputs, tuple) else inputs
-    first = target if first is None else first
-    shape = getattr(first, "shape", None)
-    if shape is None and first is not None:
-        shape = np.shape(first)
-    return int(shape[0]) if shape else None
-
-
 @dataclass(frozen=True)
 class TrainCall:
-    """A Train run to start: the request, the steps it will take (for the progress bar, if
-    knowable), whether to draw the bar (None: when stdout is a terminal) and its deadline."""
+    """A Train run to start: the request, whether to draw a progress bar (None: when stdout is
+    a terminal; its total is the run's total_steps, which the server reports) and its
+    deadline."""
 
     op: Op[TrainEvent]
-    total: int | None
     progress: bool | None
     timeout: float | None
 
@@ -520,21 +510,7 @@ def train(model_id: str, inputs: Any = None, target: Any = None, *, dataset: str
         req.validation.CopyFrom(_data(None, None, validation, "validation"))
     elif validation is not None:
         req.validation.CopyFrom(_data(validation[0], validation[1], None, "validation"))
-    total = steps_per_run(num_samples(inputs, target), epochs, max_steps, batch_size, drop_last,
-                          accumulation_steps)
-    return TrainCall(Op("Train", req, train_event), total, progress, timeout)
-
-
-def steps_per_run(n: int | None, epochs: int, max_steps: int, batch_size: int, drop_last: bool,
-                  accumulation_steps: int) -> int | None:
-    """Optimizer steps a Train run will take (for the progress bar), if knowable."""
-    if n is None:
-        return max_steps or None
-    bs = batch_size or n
-    batches = n // bs if drop_last else math.ceil(n / bs)
-    per_epoch = math.ceil(batches / max(1, accumulation_steps))
-    total = per_epoch * (epochs or (math.ceil(max_steps / per_epoch) if max_steps else 1))
-    return min(total, max_steps) if max_steps else total
+    return TrainCall(Op("Train", req, train_event), progress, timeout)
 
 
 def train_stream_requests(

@@ -268,7 +268,7 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
         progress = sys.stdout.isatty() if call.progress is None else call.progress
         stream = self._stub_for(call.op.request.model_id).Train(
             call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return AsyncTrainRun(stream, call.total, progress)
+        return AsyncTrainRun(stream, progress)
 
     @staticmethod
     async def _fit(run: AsyncTrainRun) -> History:

@@ -28,16 +28,15 @@ class _RunState:
     """What TrainRun and AsyncTrainRun share: the events so far, the progress bar, and telling
     our own cancellation apart from a failure."""
 
-    def __init__(self, call: Any, total: int | None, progress: bool) -> None:
+    def __init__(self, call: Any, progress: bool) -> None:
         self._call = call
-        self._total = total
         self._progress = progress
         self._cancelled = False
         self._pbar: Any = None
         self.events: list[TrainEvent] = []
 
     def _open(self) -> None:
-        self._pbar = _bar(self._total) if self._progress else None
+        self._pbar = _bar() if self._progress else None
 
     def _record(self, msg: Any) -> TrainEvent:
         event = train_event(msg)
@@ -86,13 +85,15 @@ class TrainRun(_RunState):
             self._call.cancel()
 
 
-def _bar(total: int | None) -> Any:
+def _bar() -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="step", desc="train", dynamic_ncols=True)
+    return tqdm(unit="step", desc="train", dynamic_ncols=True)
 
 
 def _advance(bar: Any, event: TrainEvent) -> None:
+    if event.total_steps and bar.total != event.total_steps:  # the server's count of the run
+        bar.total = event.total_steps
     bar.update(max(0, event.run_step - bar.n))
     bar.set_postfix(loss=f"{event.epoch_loss:.4g}", refresh=event.kind == "done")
 
@@ -222,7 +223,7 @@ class Client(ClientCalls[RemoteModel]):
         progress = sys.stdout.isatty() if call.progress is None else call.progress
         stream = self._stub_for(call.op.request.model_id).Train(
             call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return TrainRun(stream, call.total, progress)
+        return TrainRun(stream, progress)
 
     @staticmethod
     def _fit(run: TrainRun) -> History:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gradserve.results import CheckpointInfo
 from safetensors import safe_open
 
 from . import statedir
@@ -46,16 +47,6 @@ class CheckpointUnusable(FailedPrecondition):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass
-class CheckpointInfo:
-    name: str
-    model_id: str
-    step: int
-    num_bytes: int
-    created_unix: float
-    error: str = ""  # set when the file cannot be loaded: what is wrong with it
 
 
 @dataclass

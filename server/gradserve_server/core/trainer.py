@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from gradserve.results import TrainEvent, TrainSummary
 
 from ..catalog.schedules import LRScheduler, build_schedule
 from .budget import Reservation
@@ -57,33 +58,6 @@ class TrainOptions:
     warmup_start_factor: float = 0.0
     log_every_steps: int = 0
     skip_nonfinite: bool = False
-
-
-@dataclass
-class Summary:
-    steps: int
-    epochs: int
-    final_loss: float
-    stop_reason: str
-    skipped_batches: int
-    message: str
-    model_step: int
-
-
-@dataclass
-class Event:
-    kind: str
-    step: int
-    epoch: int
-    batch_loss: float
-    epoch_loss: float
-    samples_per_second: float
-    learning_rate: float
-    grad_norm: float
-    elapsed_seconds: float
-    val_loss: float | None = None
-    summary: Summary | None = None
-    run_step: int = 0
 
 
 @dataclass
@@ -134,11 +108,12 @@ class _Run:
     flushed: float = 0.0
 
     def event(self, kind: str, epoch: int, val: float | None = None,
-              summary: Summary | None = None) -> Event:
+              summary: TrainSummary | None = None) -> TrainEvent:
         elapsed = time.perf_counter() - self.start
-        return Event(kind, self.model.step_count, epoch, self.last_loss, self.epoch_loss,
-                     self.samples / elapsed if elapsed > 0 else 0.0, self.lr, self.grad_norm,
-                     elapsed, val, summary, self.steps)
+        return TrainEvent(kind, self.model.step_count, epoch, self.last_loss, self.epoch_loss,
+                          self.samples / elapsed if elapsed > 0 else 0.0, self.lr,
+                          self.grad_norm, elapsed, val, summary, self.steps,
+                          self.plan.total_steps)
 
     def update_epoch_loss(self) -> None:
         if self.losses:
@@ -186,7 +161,7 @@ class Trainer:
 
     def train(self, model: Model, data: TrainData | None, validation: TrainData | None,
               opts: TrainOptions, cancelled: Callable[[], bool],
-              after_step: Callable[[Model], None] | None = None) -> Iterator[Event]:
+              after_step: Callable[[Model], None] | None = None) -> Iterator[TrainEvent]:
         """Validate now; the returned stream claims the model when first advanced.
 
         after_step(model) runs with the model's lock held after every optimizer step (autosave).
@@ -246,7 +221,7 @@ class Trainer:
     def _loop(self, model: Model, data: TrainData | None,
               validation: TrainData | None, opts: TrainOptions, n: int,
               cancelled: Callable[[], bool], after_step: Callable[[Model], None] | None
-              ) -> Iterator[Event]:
+              ) -> Iterator[TrainEvent]:
         # Claimed inside the generator so that a stream never started never holds the model.
         self._claim(model)
         try:
@@ -280,7 +255,7 @@ class Trainer:
 
     def _run(self, model: Model, data: TrainData | None, validation: TrainData | None,
              opts: TrainOptions, n: int, cancelled: Callable[[], bool],
-             after_step: Callable[[Model], None] | None) -> Iterator[Event]:
+             after_step: Callable[[Model], None] | None) -> Iterator[TrainEvent]:
         """The loop: epochs of batches, an event at the chosen cadence, the summary last."""
         plan = self.plan(data is None, n, opts)
         with model.lock:
@@ -403,7 +378,7 @@ class Trainer:
         run.pending_steps = run.pending_samples = 0
         run.flushed = time.perf_counter()
 
-    def _end_epoch(self, run: _Run, epoch: int, validation: TrainData | None) -> Event | None:
+    def _end_epoch(self, run: _Run, epoch: int, validation: TrainData | None) -> TrainEvent | None:
         """The epoch's loss, validation and metrics, as an EPOCH_END event; None when the epoch
         did not complete (cancelled, shut down, non-finite, or every batch skipped)."""
         run.update_epoch_loss()
@@ -421,12 +396,12 @@ class Trainer:
             tel.grad_norm(model_id, run.grad_norm)
         return run.event(EPOCH_END, epoch, val)
 
-    def _done(self, run: _Run) -> Event:
+    def _done(self, run: _Run) -> TrainEvent:
         """The DONE event with the run's summary."""
         # The last step's loss is what local code would report after the loop.
         final = run.epoch_loss if not math.isnan(run.epoch_loss) else run.last_loss
         reason = run.reason or COMPLETED
-        summary = Summary(run.steps, run.epochs_done, final, reason, run.skipped, run.message,
+        summary = TrainSummary(run.steps, run.epochs_done, final, reason, run.skipped, run.message,
                           run.model.step_count)
         if not math.isnan(final):
             self.hooks.loss(run.model.id, final)

@@ -509,7 +509,7 @@ class TrainSummary(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[int] = ..., final_loss: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., skipped_batches: _Optional[int] = ..., message: _Optional[str] = ..., model_step: _Optional[int] = ...) -> None: ...
 
 class TrainEvent(_message.Message):
-    __slots__ = ("kind", "step", "epoch", "batch_loss", "epoch_loss", "samples_per_second", "learning_rate", "grad_norm", "elapsed_seconds", "val_loss", "summary", "run_step")
+    __slots__ = ("kind", "step", "epoch", "batch_loss", "epoch_loss", "samples_per_second", "learning_rate", "grad_norm", "elapsed_seconds", "val_loss", "summary", "run_step", "total_steps")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -522,6 +522,7 @@ class TrainEvent(_message.Message):
     VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     RUN_STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     kind: EventKind
     step: int
     epoch: int
@@ -534,7 +535,8 @@ class TrainEvent(_message.Message):
     val_loss: float
     summary: TrainSummary
     run_step: int
-    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_loss: _Optional[float] = ..., epoch_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., val_loss: _Optional[float] = ..., summary: _Optional[_Union[TrainSummary, _Mapping]] = ..., run_step: _Optional[int] = ...) -> None: ...
+    total_steps: int
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_loss: _Optional[float] = ..., epoch_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., val_loss: _Optional[float] = ..., summary: _Optional[_Union[TrainSummary, _Mapping]] = ..., run_step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class TrainStreamConfig(_message.Message):
     __slots__ = ("model_id", "clip_grad_norm", "schedule", "skip_nonfinite")
