@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         DatasetInfo,
         ForwardResult,
         ModelInfo,
+        OptimizerState,
         ParameterInfo,
         StreamStep,
         TrainEvent,
@@ -66,7 +67,7 @@ _WHERE = {
     "RemoteModel": "model",
     **dict.fromkeys((
         "BackwardResult", "CheckpointInfo", "DatasetInfo", "ForwardResult", "ModelInfo",
-        "ParameterInfo", "StreamStep", "TrainEvent", "TrainSummary"),
+        "OptimizerState", "ParameterInfo", "StreamStep", "TrainEvent", "TrainSummary"),
         "results"),
     "tune_malloc": "tuning",
 }
@@ -91,7 +92,7 @@ __all__ = [
     "AlreadyExistsError", "AsyncClient", "AsyncRemoteModel", "AsyncTrainRun", "BackwardResult",
     "CancelledError", "CheckpointInfo", "Client", "DatasetInfo", "DeadlineExceededError",
     "FailedPreconditionError", "ForwardResult", "GradServeError", "History", "InternalError",
-    "InvalidArgumentError", "ModelInfo", "NotFoundError", "ParameterInfo",
+    "InvalidArgumentError", "ModelInfo", "NotFoundError", "OptimizerState", "ParameterInfo",
     "PermissionDeniedError", "RemoteModel", "ResourceExhaustedError", "StreamStep",
     "TensorArgumentError", "TrainEvent", "TrainRun", "TrainSummary", "UnauthenticatedError",
     "UnavailableError", "tune_malloc",

@@ -152,6 +152,7 @@ class AsyncRemoteModel(ModelCalls):
     zero_grad = awaiting(ModelCalls._zero_grad)
     parameters = awaiting(ModelCalls._parameters)
     grads = awaiting(ModelCalls._grads)
+    optimizer_state = awaiting(ModelCalls._optimizer_state)
     set_parameters = awaiting(ModelCalls._set_parameters)
     train = async_train(ModelCalls._train)
     fit = async_fit(ModelCalls._train)

@@ -8,8 +8,11 @@ CheckpointInfo, and the encoders below are what its transport sends.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from google.protobuf import json_format
 
 from . import codec
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
@@ -79,6 +82,26 @@ class BackwardResult:
     grads: dict[str, Tensor]
     input_grads: list[Tensor]
     output: Tensor | None
+
+
+@dataclass(frozen=True)
+class OptimizerState:
+    """A model's optimizer state: state[parameter name][key] (e.g. Adam's "step", "exp_avg",
+    "exp_avg_sq"; SGD's "momentum_buffer"), as optimizer.state_dict()["state"] holds it by
+    index; param_groups: each group's hyper-parameters without "params" (lr as a schedule left
+    it)."""
+
+    state: dict[str, dict[str, Tensor]]
+    param_groups: list[dict[str, Any]]
+
+
+def optimizer_state(msg: pb.GetParametersResponse, order: Sequence[str] = ()) -> OptimizerState:
+    names = [n for n in order if n in msg.optimizer_state]
+    names += sorted(n for n in msg.optimizer_state if n not in set(order))
+    state = {n: {k: codec.decode(v, f"optimizer_state[{n}][{k}]")
+                 for k, v in sorted(msg.optimizer_state[n].values.items())} for n in names}
+    groups = [json_format.MessageToDict(g) for g in msg.optimizer_param_groups]
+    return OptimizerState(state, groups)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from ..catalog.exported import (
     output_index,
 )
 from ..catalog.expressions import ExpressionModule, check_name, compile_expression
-from ..catalog.layers import build_sequential
+from ..catalog.layers import build_sequential, layer_inputs
 from ..catalog.losses import Loss, build_loss
 from ..catalog.optimizers import build_optimizer, state_factor
 from ..catalog.plugins import build_plugin
@@ -165,6 +165,15 @@ class ModelRNG:
                 torch.set_rng_state(saved)
 
 
+def _plain(value: Any) -> Any:
+    """An optimizer hyper-parameter as JSON: tuples as lists, 0-d tensors as numbers."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def _fresh_seed() -> int:
     """A seed for a model created without one (never the global generator's next state)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
@@ -207,7 +216,7 @@ def _build_module(spec: ModelSpec, dtype: torch.dtype, limits: Limits,
             check_name(name, "spec.expression.parameters")
             if name in spec.inputs:
                 raise InvalidArgument(f"spec.expression: {name!r} is both an input and a parameter")
-        expr = compile_expression(spec.expression, [*spec.inputs, *spec.parameters], dtype)
+        expr = compile_expression(spec.expression, [*spec.inputs, *spec.parameters])
         params = {}
         for name, value in spec.parameters.items():
             if not (value.is_floating_point() or value.dtype in (torch.int64, torch.int32)):
@@ -234,7 +243,8 @@ class Model:
         self.dtype = dtype
         self.limits = limits
         self.hooks = hooks
-        self.loss_fn: Loss = build_loss(spec.loss, spec.loss_reduction, spec.loss_kwargs)
+        self.loss_fn: Loss = build_loss(spec.loss, spec.loss_reduction, spec.loss_kwargs,
+                                         dtype, device)
         self.budget = budget if budget is not None else MemoryBudget()
         self._charges: dict[str, int] = {}
         self._trainable_bytes = self._check_size(spec, dtype)
@@ -251,6 +261,11 @@ class Model:
             self.exported = module if isinstance(module, ExportedModule) else None
             self.input_names = (self.exported.input_names if self.exported is not None
                                 else list(spec.inputs))
+            # Inputs a call must give: declared (expressions, exported), the first layer's
+            # (layers: two for Bilinear), unchecked (plugins).
+            self.num_inputs: int | None = (
+                len(self.input_names) if spec.source in ("expression", "exported")
+                else layer_inputs(spec.layers[0]["type"]) if spec.source == "layers" else None)
             self.output_names: list[str] = []
             self.main_output = 0
             if self.exported is not None:
@@ -415,11 +430,15 @@ class Model:
             self.budget.release("id_cache", held - now)
         self._charges["id_cache"] = now
 
-    def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False
-                       ) -> list[torch.Tensor]:
-        """Move inputs to the device; floating ones take the model dtype (documented rule)."""
-        expected = len(self.input_names) if self.spec.source in ("expression", "exported") else (
-            1 if self.spec.source == "layers" else None)
+    def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False,
+                       leaves: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Move inputs to the device; floating ones take the model dtype (documented rule).
+
+        requires_grad: each floating input becomes a leaf that requires grad, in its own dtype
+        and place, and what the model gets is its cast (an autograd op, as in local code);
+        the leaves are appended to `leaves`.
+        """
+        expected = self.num_inputs
         if expected is not None and len(inputs) != expected:
             names = f" ({', '.join(self.input_names)})" if self.input_names else ""
             raise InvalidArgument(f"inputs: the model takes {expected} input(s){names}, "
@@ -429,10 +448,12 @@ class Model:
             # .to() is skipped when nothing changes: each torch call drops and retakes the GIL.
             # Copies to a GPU do not block; the call synchronises before its results return.
             if t.is_floating_point():
-                if t.dtype != self.dtype or t.device != self.device:
-                    t = t.to(device=self.device, dtype=self.dtype, non_blocking=True)
                 if requires_grad:
                     t = t.detach().requires_grad_(True)
+                    if leaves is not None:
+                        leaves.append(t)
+                if t.dtype != self.dtype or t.device != self.device:
+                    t = t.to(device=self.device, dtype=self.dtype, non_blocking=True)
             elif t.device != self.device:
                 t = t.to(device=self.device, non_blocking=True)
             out.append(t)
@@ -579,21 +600,26 @@ class Model:
                             outs = [out.detach() if out.requires_grad else out for out in outs]
                     self._timed("forward", start)
                     return self._pack(outs), ""
-                xs = self.prepare_inputs(inputs, requires_grad=True)
+                leaves: list[torch.Tensor] = []
+                xs = self.prepare_inputs(inputs, requires_grad=True, leaves=leaves)
                 est = self.estimate_call(estimate.RETAIN, xs, eval_mode)
-                held = nbytes_of(xs)
+                # The graph holds the inputs as sent and their casts to the model's dtype.
+                cast = [x for x, t in zip(xs, inputs) if x.dtype != t.dtype]
+                held = nbytes_of(inputs) + nbytes_of(cast)
                 if est.saved + held > self.limits.max_graph_bytes:  # refused before computing
                     raise self._graph_too_big(est.saved + held)
                 # The output's copy for the reply (_snapshot) comes on top of the peak.
                 with self.reserve_call(est.peak + est.output, "Forward(retain_graph)",
                                        xs) as reservation:
                     saved = estimate.SavedBytes(
-                        self._state_storages() | {estimate.storage_key(x) for x in xs})
+                        self._state_storages() | {estimate.storage_key(x) for x in xs}
+                        | {estimate.storage_key(x) for x in leaves})
                     with saved.hooks():
                         outs = self.run_outputs(xs)
                     kept = sum(0 if estimate.storage_key(out) in saved.seen else out.nbytes
                                for out in outs)
-                    forward_id = self._retain(outs, xs, held + saved.nbytes + kept, reservation)
+                    forward_id = self._retain(outs, leaves, held + saved.nbytes + kept,
+                                              reservation)
                     outs = [_snapshot(out) for out in outs]
             finally:
                 self.set_mode(False)
@@ -721,13 +747,14 @@ class Model:
             # The graph's bytes stay reserved while backward runs through it: the gradients it
             # produces take about as much again (a heuristic; the graph was measured exactly).
             held.enter_context(reservation)
-            out, xs, outs = graph.output, graph.inputs, graph.outputs
+            out, leaves, outs = graph.output, graph.inputs, graph.outputs
             copies += graph.nbytes + (nbytes_of(outs) if return_output else 0)
             held.enter_context(self.reserve_call(copies, "Backward(forward_id)"))
         else:
             if grad_output is not None:
                 raise InvalidArgument("grad_output: only valid with forward_id")
-            xs = self.prepare_inputs(inputs, requires_grad=return_input_grads)
+            leaves = []
+            xs = self.prepare_inputs(inputs, requires_grad=return_input_grads, leaves=leaves)
             est = self.estimate_call(estimate.BACKWARD, xs, False, y)
             copies += ((nbytes_of(xs) if return_input_grads else 0)
                        + (est.output if return_output else 0))
@@ -763,7 +790,9 @@ class Model:
             loss = self.loss_fn(out, y)
             loss_value = float(loss.detach())
             roots, grads_in = [loss], None
-        wanted = [x for x in xs if x.requires_grad] if return_input_grads else []
+        # The leaves: each floating input in its own dtype, as sent (their grads are what
+        # autograd gives a local x.grad when the model casts x to its dtype).
+        wanted = leaves if return_input_grads else []
         if not roots or not all(r.requires_grad for r in roots):
             raise FailedPrecondition("the loss does not depend on any trainable parameter or "
                                      "input; nothing to differentiate")
@@ -866,6 +895,31 @@ class Model:
                          if include_grads and (g := params[n].grad) is not None}
                 _synchronize(self.device)
             return values, grads, bufs
+
+    def optimizer_state(self, names: Sequence[str] = ()
+                        ) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
+        """(each parameter's optimizer state by name, the param_groups without "params"): what
+        optimizer.state_dict() holds, keyed by parameter name instead of index."""
+        with self.lock:
+            params = dict(self.module.named_parameters())
+            unknown = [n for n in names if n not in params]
+            if unknown:
+                raise NotFound(f"names: unknown parameter(s) {unknown}; known: {list(params)}")
+            if self.optimizer is None:
+                return {}, []
+            chosen = [n for n in (names or params) if params[n] in self.optimizer.state]
+            entries = {n: self.optimizer.state[params[n]] for n in chosen}
+            copies = [v for entry in entries.values() for v in entry.values()
+                      if isinstance(v, torch.Tensor)]
+            with self.reserve_call(nbytes_of(copies), "GetParameters"):
+                state = {n: {key: _snapshot(v) if isinstance(v, torch.Tensor)
+                             else torch.tensor(v) for key, v in entry.items()
+                             if isinstance(v, (torch.Tensor, int, float))}
+                         for n, entry in entries.items()}
+                _synchronize(self.device)
+            groups = [{k: _plain(v) for k, v in group.items() if k != "params"}
+                      for group in self.optimizer.param_groups]
+            return state, groups
 
     def set_parameters(self, values: Mapping[str, torch.Tensor], request_id: str = "") -> None:
         if not values:

@@ -1,16 +1,17 @@
 """Server-side training loops (Train) and caller-driven steps (TrainStream).
 
-The loop equals this local PyTorch code (README "Train" documents it for users):
+The loop equals the local PyTorch code in README "The loop, exactly" (written there once, for
+users; the differential oracle in tests/oracle/ runs that text against this code):
 
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        for i, start in enumerate(range(0, n, batch_size)):   # drop_last drops a short tail
-            idx = order[start:start + batch_size]            # shuffle=False: a plain slice
-            loss = loss_fn(model(x[idx]), y[idx])
-            (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
-            if (i + 1) % accumulation_steps == 0 or it was the epoch's last batch:
-                clip_grad_norm_(params, clip)                # when clip_grad_norm > 0
-                optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        for batch in the epoch's batches:                    # _batches: the documented order
+            micro-step: forward, loss, backward of loss / accumulation_steps  (_micro_step)
+            when accumulation_steps micro-steps wait, or at the epoch's last batch:
+                optimizer step: clip, optimizer.step, scheduler.step, zero_grad (_optimizer_step)
+        epoch end: epoch loss, validation, stop_loss (_end_epoch)
+
+An objective model (no data) runs one epoch of max_steps * accumulation_steps evaluations and
+stops as soon as a value is below stop_loss, before its backward.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class _Run:
     model: Model
     opts: TrainOptions
     plan: RunPlan
+    objective: bool
     schedule: LRScheduler | None
     after_step: Callable[[Model], None] | None
     start: float
@@ -194,7 +196,8 @@ class Trainer:
 
     def plan(self, objective: bool, n: int, opts: TrainOptions) -> RunPlan:
         """Epochs, batches per epoch and optimizer steps of a run that is not stopped early."""
-        batches_per_epoch = opts.max_steps if objective else len(self._batches(n, opts, 0))
+        batches_per_epoch = (opts.max_steps * opts.accumulation_steps if objective
+                             else len(self._batches(n, opts, 0)))
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
         epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
         total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
@@ -264,10 +267,10 @@ class Trainer:
             model.module.zero_grad()
             model.module.train()
         start = time.perf_counter()
-        run = _Run(model, opts, plan, sched, after_step, start, flushed=start)
+        run = _Run(model, opts, plan, data is None, sched, after_step, start, flushed=start)
         for epoch in range(plan.epochs):
             run.losses = []
-            batches: Sequence[Any] = (range(opts.max_steps) if data is None
+            batches: Sequence[Any] = (range(plan.batches_per_epoch) if data is None
                                       else self._batches(n, opts, epoch))
             for i, idx in enumerate(batches):
                 run.reason = self._stop_requested(model, cancelled)
@@ -298,36 +301,44 @@ class Trainer:
     def _train_batch(self, run: _Run, data: TrainData | None, idx: Any, epoch: int, i: int,
                      last: bool) -> bool:
         """One batch: a micro-step, then an optimizer step when its accumulation group is
-        complete (or the epoch ends). Returns whether it stepped; a skipped batch or one that
-        stops the run (run.reason) does not."""
+        complete or the epoch ends (also when that last batch was skipped: the epoch's pending
+        gradients are always applied). Returns whether it stepped. A batch that stops the run
+        (run.reason: a non-finite loss, an objective below stop_loss) does not step."""
         model, opts = run.model, run.opts
         t0 = time.perf_counter()
+        stop_below = opts.stop_loss if run.objective else None
         with model.lock:
-            value, batch_n = self._micro_step(model, data, idx, opts.accumulation_steps)
-            if not math.isfinite(value):
-                if opts.skip_nonfinite:
-                    run.skipped += 1
-                else:
-                    run.reason = NON_FINITE
-                    run.message = (f"the loss was {value} at epoch {epoch}, batch {i} (model "
-                                   f"step {model.step_count}); lower the learning rate, clip "
-                                   "gradients or set skip_nonfinite")
+            value, batch_n = self._micro_step(model, data, idx, opts.accumulation_steps,
+                                              stop_below)
+            finite = math.isfinite(value)
+            if not finite and not opts.skip_nonfinite:
+                run.reason = NON_FINITE
+                run.message = (f"the loss was {value} at epoch {epoch}, batch {i} (model "
+                               f"step {model.step_count}); lower the learning rate, clip "
+                               "gradients or set skip_nonfinite")
                 return False
-            run.micro += 1
-            stepped = run.micro == opts.accumulation_steps or last
+            if not finite:
+                run.skipped += 1
+            elif stop_below is not None and value < stop_below:
+                run.reason = STOP_LOSS  # the local `while f() >= stop_loss: step`
+            else:
+                run.micro += 1
+            stepped = (run.reason is None and run.micro > 0
+                       and (run.micro == opts.accumulation_steps or last))
             if stepped:
                 # The norm costs a pass over the gradients: only when an event shows it.
                 shown = (bool(opts.log_every_steps)
                          and (run.steps + 1) % opts.log_every_steps == 0
                          ) or last or run.steps + 1 == opts.max_steps
                 self._optimizer_step(run, shown)
-        run.last_loss = value
-        run.losses.append(value)
-        run.samples += batch_n
+        if finite:
+            run.last_loss = value
+            run.losses.append(value)
+            run.samples += batch_n
+            # Every batch's samples count, also those that only accumulate gradients.
+            run.pending_samples += batch_n
         t1 = time.perf_counter()
         self.hooks.phase_seconds(model.id, "train_step", t1 - t0)
-        # Every batch's samples count, also those that only accumulate gradients.
-        run.pending_samples += batch_n
         if stepped:
             run.pending_steps += 1
         if t1 - run.flushed > FLUSH_S:
@@ -335,11 +346,12 @@ class Trainer:
         return stepped
 
     @staticmethod
-    def _micro_step(model: Model, data: TrainData | None, idx: Any, accumulation: int
-                    ) -> tuple[float, int]:
-        """Forward and loss of one batch (data None: the objective), and for a finite loss its
-        backward, divided by `accumulation` when gradients accumulate over several batches.
-        Returns (the loss, samples in the batch). Caller holds the lock."""
+    def _micro_step(model: Model, data: TrainData | None, idx: Any, accumulation: int,
+                    stop_below: float | None = None) -> tuple[float, int]:
+        """Forward and loss of one batch (data None: the objective), then the backward of the
+        loss divided by `accumulation` (when gradients accumulate over several batches) unless
+        the loss is not finite or below stop_below. Returns (the loss, samples in the batch).
+        Caller holds the lock."""
         if data is None:
             loss = model.loss_fn(model.run_module([]), None)
             batch_n = 1
@@ -349,7 +361,7 @@ class Trainer:
             loss = model.loss_fn(model.run_module(xs), y)
             batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore[union-attr]
         value = loss.item()
-        if math.isfinite(value):
+        if math.isfinite(value) and not (stop_below is not None and value < stop_below):
             (loss / accumulation if accumulation > 1 else loss).backward()
         return value, batch_n
 
@@ -398,8 +410,10 @@ class Trainer:
 
     def _done(self, run: _Run) -> TrainEvent:
         """The DONE event with the run's summary."""
-        # The last step's loss is what local code would report after the loop.
-        final = run.epoch_loss if not math.isnan(run.epoch_loss) else run.last_loss
+        # Data: the epoch loss of the last epoch that ran a batch (what a local loop prints
+        # last); an objective: the last value of f computed.
+        final = (run.last_loss if run.objective or math.isnan(run.epoch_loss)
+                 else run.epoch_loss)
         reason = run.reason or COMPLETED
         summary = TrainSummary(run.steps, run.epochs_done, final, reason, run.skipped, run.message,
                           run.model.step_count)
@@ -409,10 +423,13 @@ class Trainer:
         return run.event(DONE, epoch, summary=summary)
 
     def _evaluate(self, model: Model, data: TrainData, opts: TrainOptions) -> float:
-        """Mean loss over the validation set in eval mode, weighting batches by their size."""
+        """The loss of the whole validation set in eval mode, computed in batches: per batch the
+        loss summed and what a mean divides by (Loss.sum_and_count), so that ignore_index and
+        class weights count as they do in one call over the set, whatever the batch size."""
         n = data.num_samples
         bs = opts.batch_size or n
-        total = 0.0
+        sums: list[float] = []
+        counts: list[float] = []
         with model.lock, torch.no_grad():
             model.module.eval()
             try:
@@ -420,12 +437,15 @@ class Trainer:
                     xs = model.prepare_inputs([t[s:s + bs] for t in data.inputs])
                     y = model.prepare_target(
                         data.target[s:s + bs] if data.target is not None else None)
-                    loss = model.loss_fn(model.run_module(xs), y)
-                    size = min(bs, n - s)
-                    total += loss.item() * (size if model.loss_fn.reduction == "mean" else 1)
+                    total, count = model.loss_fn.sum_and_count(model.run_module(xs), y)
+                    sums.append(total)
+                    counts.append(count)
             finally:
                 model.module.train()
-        return total / n if model.loss_fn.reduction == "mean" else total
+        if model.loss_fn.reduction != "mean":
+            return math.fsum(sums)
+        denominator = math.fsum(counts)
+        return math.fsum(sums) / denominator if denominator else math.nan
 
     # ---------------------------------------------------------------- TrainStream
 
@@ -435,6 +455,9 @@ class Trainer:
         """Validate a TrainStream config; the session claims the model at its first batch."""
         if clip < 0 or not math.isfinite(clip):
             raise InvalidArgument("config.clip_grad_norm: must be a finite number >= 0")
+        if schedule == "cosine" and "t_max" not in schedule_params:
+            raise InvalidArgument("config.schedule (cosine).t_max: required in a TrainStream (its "
+                                  "length is unknown, so there is no default)")
         return StreamSession(self, model, clip, schedule, schedule_params, warmup_steps,
                              warmup_start_factor, skip_nonfinite)
 
@@ -488,8 +511,9 @@ class StreamSession:
         self._claimed = True
         schedule, params, warmup, start_factor = self._schedule
         with model.lock:
+            # A stream's length is unknown: cosine needs its t_max (build_schedule says so).
             self._sched = build_schedule(model.optimizer, schedule, params, warmup, start_factor,
-                                         1 << 30)
+                                         None)
             model.module.zero_grad()
             model.module.train()
 

@@ -48,6 +48,16 @@ def named_out(values: Mapping[str, torch.Tensor]) -> dict[str, pb.Tensor]:
     return {k: codec.encode(v) for k, v in values.items()}
 
 
+def optimizer_state_out(reply: pb.GetParametersResponse,
+                        state: Mapping[str, Mapping[str, torch.Tensor]],
+                        groups: list[dict[str, Any]]) -> None:
+    for name, values in state.items():
+        reply.optimizer_state[name].SetInParent()
+        for key, value in values.items():
+            reply.optimizer_state[name].values[key].CopyFrom(codec.encode(value))
+    reply.optimizer_param_groups.extend(struct_out(group) for group in groups)
+
+
 def struct_in(msg: struct_pb2.Struct, what: str = "kwargs") -> dict[str, Any]:
     try:
         return json_format.MessageToDict(msg)

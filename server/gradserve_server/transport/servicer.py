@@ -92,8 +92,11 @@ class GradientServicer:
         model = self.core.models.get(request.model_id)
         values, grads, buffers = model.get_parameters(list(request.names), request.include_grads,
                                                       request.include_buffers)
-        return pb.GetParametersResponse(parameters=m.named_out(values), grads=m.named_out(grads),
-                                        buffers=m.named_out(buffers))
+        reply = pb.GetParametersResponse(parameters=m.named_out(values),
+                                         grads=m.named_out(grads), buffers=m.named_out(buffers))
+        if request.include_optimizer_state:
+            m.optimizer_state_out(reply, *model.optimizer_state(list(request.names)))
+        return reply
 
     def SetParameters(self, request: pb.SetParametersRequest, call: Call
                       ) -> pb.SetParametersResponse:

@@ -357,19 +357,34 @@ class ZeroGradResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetParametersRequest(_message.Message):
-    __slots__ = ("model_id", "names", "include_grads", "include_buffers")
+    __slots__ = ("model_id", "names", "include_grads", "include_buffers", "include_optimizer_state")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_GRADS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     names: _containers.RepeatedScalarFieldContainer[str]
     include_grads: bool
     include_buffers: bool
-    def __init__(self, model_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., include_grads: _Optional[bool] = ..., include_buffers: _Optional[bool] = ...) -> None: ...
+    include_optimizer_state: bool
+    def __init__(self, model_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., include_grads: _Optional[bool] = ..., include_buffers: _Optional[bool] = ..., include_optimizer_state: _Optional[bool] = ...) -> None: ...
+
+class ParameterOptimizerState(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.MessageMap[str, Tensor]
+    def __init__(self, values: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class GetParametersResponse(_message.Message):
-    __slots__ = ("parameters", "grads", "buffers")
+    __slots__ = ("parameters", "grads", "buffers", "optimizer_state", "optimizer_param_groups")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -391,13 +406,24 @@ class GetParametersResponse(_message.Message):
         key: str
         value: Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class OptimizerStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ParameterOptimizerState
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ParameterOptimizerState, _Mapping]] = ...) -> None: ...
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     parameters: _containers.MessageMap[str, Tensor]
     grads: _containers.MessageMap[str, Tensor]
     buffers: _containers.MessageMap[str, Tensor]
-    def __init__(self, parameters: _Optional[_Mapping[str, Tensor]] = ..., grads: _Optional[_Mapping[str, Tensor]] = ..., buffers: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    optimizer_state: _containers.MessageMap[str, ParameterOptimizerState]
+    optimizer_param_groups: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    def __init__(self, parameters: _Optional[_Mapping[str, Tensor]] = ..., grads: _Optional[_Mapping[str, Tensor]] = ..., buffers: _Optional[_Mapping[str, Tensor]] = ..., optimizer_state: _Optional[_Mapping[str, ParameterOptimizerState]] = ..., optimizer_param_groups: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...
 
 class SetParametersRequest(_message.Message):
     __slots__ = ("model_id", "parameters", "request_id")
