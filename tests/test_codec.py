@@ -217,3 +217,15 @@ def test_server_core_imports_neither_grpc_nor_the_clients() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_nan_cast_to_an_integer_dtype_is_silent() -> None:
+    """NaN and inf sent as an integer dtype: numpy's cast gives whatever it gives (as torch's
+    .to does), without a RuntimeWarning leaking into the caller's warning filters."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        msg = codec.encode(np.array([np.nan, np.inf, 1.0]), dtype="int64")
+    assert msg.dtype == pb.DTYPE_INT64 and list(msg.shape) == [3]
+    assert codec.to_torch(msg)[2].item() == 1

@@ -213,7 +213,8 @@ def _contiguous(value: ArrayLike, dtype: str | None, floats: str = "float32"
         if name == "float16" and arr.dtype == np.float64:
             # As torch converts: double -> float -> half (numpy would round once, differently).
             arr = arr.astype(np.float32)
-        with np.errstate(over="ignore"):  # out of range becomes inf, as in torch, silently
+        # Out of range becomes inf (NaN to an int: whatever the cast gives), silently, as torch.
+        with np.errstate(over="ignore", invalid="ignore"):
             arr = arr.astype(_BY_NAME[name].numpy, copy=False)
     entry = _BY_NUMPY.get((arr.dtype.kind, arr.dtype.itemsize))
     if entry is None:

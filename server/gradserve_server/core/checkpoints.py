@@ -456,7 +456,13 @@ def _check_groups(stored: Any, fresh: list[dict[str, Any]]) -> None:
     if not isinstance(stored, list) or len(stored) != len(fresh):
         raise ValueError("param_groups do not match the optimizer's")
     for group, new in zip(stored, fresh):
-        if not isinstance(group, dict) or set(group) != set(new):
+        # A learning-rate scheduler adds initial_lr to the groups it drives (a Train run with a
+        # schedule): the saved value is restored with the rest.
+        extra = set(group) - set(new) if isinstance(group, dict) else set()
+        if extra == {"initial_lr"} and isinstance(group["initial_lr"], (int, float)) and not \
+                isinstance(group["initial_lr"], bool):
+            extra = set()
+        if not isinstance(group, dict) or extra or set(new) - set(group):
             raise ValueError(f"param_groups options {sorted(group) if isinstance(group, dict) else group} "
                              f"differ from {sorted(new)}")
         for key, value in new.items():

@@ -218,7 +218,9 @@ def _build_module(spec: ModelSpec, dtype: torch.dtype, limits: Limits,
                 raise InvalidArgument(f"spec.expression: {name!r} is both an input and a parameter")
         expr = compile_expression(spec.expression, [*spec.inputs, *spec.parameters])
         params = {}
-        for name, value in spec.parameters.items():
+        # In name order: a proto map has none, and the order is the optimizer's and the
+        # state_dict's (it decides how clip_grad_norm sums the norms).
+        for name, value in sorted(spec.parameters.items()):
             if not (value.is_floating_point() or value.dtype in (torch.int64, torch.int32)):
                 raise InvalidArgument(f"spec.expression.parameters[{name}]: must be numeric")
             params[name] = value.detach().to(dtype).clone()
@@ -493,7 +495,8 @@ class Model:
                 return list(out)
         except InvalidArgument:
             raise
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        # ArithmeticError: exported graphs' checks on fake tensors divide by a batch of one.
+        except (RuntimeError, ValueError, IndexError, TypeError, ArithmeticError) as exc:
             raise InvalidArgument(f"inputs: the forward pass failed: {exc}") from None
         if not isinstance(out, torch.Tensor):
             raise InvalidArgument("the model returned a non-tensor output; plugins must return "
@@ -793,13 +796,7 @@ class Model:
         # The leaves: each floating input in its own dtype, as sent (their grads are what
         # autograd gives a local x.grad when the model casts x to its dtype).
         wanted = leaves if return_input_grads else []
-        if not roots or not all(r.requires_grad for r in roots):
-            raise FailedPrecondition("the loss does not depend on any trainable parameter or "
-                                     "input; nothing to differentiate")
-        try:
-            torch.autograd.backward(roots, grads_in)
-        except RuntimeError as exc:
-            raise InvalidArgument(f"backward failed: {exc}") from None
+        self.differentiate(roots, grads_in)
         self._timed("backward", start)
         result = BackwardResult(loss=loss_value, step=self.step_count)
         if loss_value is not None:
@@ -818,6 +815,21 @@ class Model:
             result.step = self._step(zero_grad=True)
         _synchronize(self.device)
         return result
+
+    @staticmethod
+    def differentiate(roots: Sequence[torch.Tensor],
+                      grads: Sequence[torch.Tensor] | None = None) -> None:
+        """torch.autograd.backward(roots, grads): the one backward pass of every path
+        (Backward, Train's micro-steps, TrainStream), gradients accumulating in .grad.
+        FailedPrecondition when nothing is differentiable (every parameter frozen and no input
+        asked for), InvalidArgument when autograd refuses the graph."""
+        if not roots or not all(r.requires_grad for r in roots):
+            raise FailedPrecondition("the loss does not depend on any trainable parameter or "
+                                     "input; nothing to differentiate")
+        try:
+            torch.autograd.backward(list(roots), None if grads is None else list(grads))
+        except RuntimeError as exc:
+            raise InvalidArgument(f"backward failed: {exc}") from None
 
     def step(self, keep_grad: bool = False, request_id: str = "") -> int:
         with self.mutating(), self.reserve_call(self._trainable_bytes, "Step"):

@@ -326,10 +326,13 @@ class Trainer:
             stepped = (run.reason is None and run.micro > 0
                        and (run.micro == opts.accumulation_steps or last))
             if stepped:
-                # The norm costs a pass over the gradients: only when an event shows it.
+                # The norm costs a pass over the gradients: only when an event may show it (an
+                # epoch's last step is at its last batch unless batches can be skipped or an
+                # objective can stop; then at every step).
                 shown = (bool(opts.log_every_steps)
                          and (run.steps + 1) % opts.log_every_steps == 0
-                         ) or last or run.steps + 1 == opts.max_steps
+                         ) or last or run.steps + 1 == opts.max_steps or (
+                    opts.skip_nonfinite or run.objective)
                 self._optimizer_step(run, shown)
         if finite:
             run.last_loss = value
@@ -362,7 +365,7 @@ class Trainer:
             batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore[union-attr]
         value = loss.item()
         if math.isfinite(value) and not (stop_below is not None and value < stop_below):
-            (loss / accumulation if accumulation > 1 else loss).backward()
+            model.differentiate([loss / accumulation if accumulation > 1 else loss])
         return value, batch_n
 
     @staticmethod
@@ -545,7 +548,7 @@ class StreamSession:
                         f"batch {k}: the loss was {value}; the stream ends (set "
                         "skip_nonfinite to skip such batches)")
                 return StreamResult(model.step_count, value, math.nan, model.learning_rate, True)
-            loss.backward()
+            model.differentiate([loss])
             stats = model.apply_step(clip=self.clip, schedule=self._sched, want_norm=True)
             norm, lr = stats.grad_norm, stats.lr
         hooks = trainer.hooks
