@@ -36,12 +36,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import common
 import numpy as np
+import scale as scaling
 import torch
 import tp_baseline
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024 * 1024
-SECTIONS = ("tiny", "payload", "train", "mlp", "distributed", "concurrency", "upload")
+SECTIONS = ("tiny", "payload", "train", "mlp", "distributed", "concurrency", "upload", "scale")
 
 
 class Report:
@@ -341,6 +342,40 @@ def upload(servers: common.Servers, report: Report, reps: int) -> None:
     report.row("UploadDataset 256 MiB", 256 * MIB / best / 1e6, None, "MB/s")
 
 
+def scale(report: Report, worlds: list[int], quick: bool) -> None:
+    """The same MLP Train by torchrun groups of each world size (bench/scale.py)."""
+    epochs, reps = (1, 2) if quick else (2, 3)
+    raw: dict[str, Any] = {}
+    for batch in (64, 1024):
+        results = {w: scaling.measure(w, batch, epochs, reps) for w in worlds}
+        raw[f"b{batch}"] = results
+        one = results[worlds[0]]["samples_per_second"]
+        for w in worlds:
+            r = results[w]
+            print(f"  world {w}: {r['backend'] or 'one process'} on {r['devices']}; step "
+                  f"{r['step_seconds'] * 1e3:.2f} ms, communication "
+                  f"{r['communication_seconds'] * 1e3:.2f} ms", flush=True)
+            report.row(f"scale: MLP b{batch} Train samples/s, world {w}",
+                       r["samples_per_second"], None if w == worlds[0] else one, "1/s",
+                       against="" if w == worlds[0] else f"world {worlds[0]}",
+                       higher_is_better=True)
+            if w != worlds[0]:
+                report.row(f"scale: MLP b{batch} speed-up, world {w}",
+                           r["samples_per_second"] / one, None, "x")
+                report.row(f"scale: MLP b{batch} communication share, world {w}",
+                           100 * r["communication_share"], None, "%")
+                link = scaling.probe(w, r["grad_bytes"], batch * 784 * 4)
+                r["link"] = link
+                predicted = scaling.predict(results[worlds[0]]["step_seconds"], link)
+                print(f"  link, world {w} ({link['backend']}): all-reduce of the gradients "
+                      f"{link['all_reduce_s'] * 1e3:.2f} ms, a batch from rank 0 "
+                      f"{link['batch_broadcast_s'] * 1e3:.2f} ms, one collective "
+                      f"{link['latency_s'] * 1e3:.2f} ms", flush=True)
+                report.row(f"scale: MLP b{batch} step, world {w}", 1e3 * r["step_seconds"],
+                           1e3 * predicted, "ms", against="capacity model (docs/scaling.md)")
+    report.raw["scale"] = raw
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -379,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                              "child (as gradserve-server --tune-malloc 1), the bench client (as "
                              "gradserve.tune_malloc()), both or none (default: server, as "
                              "gradserve-server and a plain SDK process run by default)")
+    parser.add_argument("--worlds", default="1,2",
+                        help="scale: torchrun group sizes to compare, the first is the baseline "
+                             "(on a machine with 8 GPUs: 1,2,4,8)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(chosen) - set(SECTIONS)
@@ -412,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency(servers, report, 1.5 if args.quick else 4.0)
             elif name == "upload":
                 upload(servers, report, max(1, reps // 2))
+            elif name == "scale":
+                scale(report, [int(w) for w in args.worlds.split(",")], args.quick)
             report.raw.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
     finally:
         servers.close()

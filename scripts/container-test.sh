@@ -6,6 +6,7 @@
 #   scripts/container-test.sh build    build $IMAGE from deploy/Dockerfile
 #   scripts/container-test.sh run      start $NAME: gRPC on 127.0.0.1:$GRPC_PORT, metrics on
 #                                      127.0.0.1:$METRICS_PORT, state in volume $VOLUME
+#   scripts/container-test.sh run-group  the same, the server a torchrun group of $NPROC ranks
 #   scripts/container-test.sh health   run the image's HEALTHCHECK now (exit 0: healthy)
 #   scripts/container-test.sh stop     SIGTERM, wait up to $GRACE s, print the exit code
 #   scripts/container-test.sh remove   remove $NAME and $VOLUME
@@ -23,6 +24,7 @@ VOLUME="${VOLUME:-gradserve-state}"
 GRPC_PORT="${GRPC_PORT:-50051}"
 METRICS_PORT="${METRICS_PORT:-9464}"
 GRACE="${GRACE:-30}"
+NPROC="${NPROC:-2}"
 
 case "${1:-}" in
 base)
@@ -43,6 +45,13 @@ run)
         -v "$VOLUME":/var/lib/gradserve \
         "$IMAGE"
     ;;
+run-group)
+    podman run -d --name "$NAME" --runtime runc --read-only --tmpfs /tmp \
+        --ulimit nofile=20000:20000 --ulimit nproc=32768:32768 \
+        -p 127.0.0.1:"$GRPC_PORT":50051 -p 127.0.0.1:"$METRICS_PORT":9464 \
+        -v "$VOLUME":/var/lib/gradserve \
+        --entrypoint torchrun "$IMAGE" --standalone --nproc-per-node "$NPROC" -m gradserve_server
+    ;;
 health)
     podman healthcheck run "$NAME"
     ;;
@@ -55,7 +64,8 @@ remove)
     podman volume rm -f "$VOLUME" >/dev/null
     ;;
 *)
-    echo "usage: $0 base|build|run|health|stop|remove (settings: see the top of this script)" >&2
+    echo "usage: $0 base|build|run|run-group|health|stop|remove (settings: see the top of this" \
+        "script)" >&2
     exit 2
     ;;
 esac

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "container-test.sh"
 WHEELS = Path(os.environ.get("WHEELS", "/opt/wheels"))
 BASE_IMAGE = "localhost/gradserve-base:bookworm"
-IMAGE = "localhost/gradserve:test"
+# Another tag when several checkouts share one podman storage (they would overwrite each other's).
+IMAGE = os.environ.get("GRADSERVE_TEST_IMAGE", "localhost/gradserve:test")
 GRACE_S = 30  # podman stop's grace; the server's own drain budget is 20 s
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
@@ -98,15 +99,16 @@ class Container:
 
 
 @pytest.fixture
-def start(image: str) -> Iterator[Callable[[str], Container]]:
-    """start(volume) runs the image with its state volume; everything is removed at teardown."""
+def start(image: str) -> Iterator[Callable[..., Container]]:
+    """start(volume) runs the image with its state volume (action "run-group": under torchrun);
+    everything is removed at teardown."""
     started: list[Container] = []
 
-    def run(volume: str) -> Container:
+    def run(volume: str, action: str = "run") -> Container:
         c = Container(f"gradserve-test-{uuid.uuid4().hex[:8]}", volume, _free_port(),
                       _free_port())
         started.append(c)
-        _script("run", timeout=120, **c.env)
+        _script(action, timeout=120, **c.env)
         return c
 
     yield run
@@ -159,6 +161,44 @@ def test_image_serves_trains_and_drains_on_sigterm(start: Callable[[str], Contai
     with _ready(second) as client:
         assert client.model("container-linreg").info.step == steps
     assert second.stop() == 0, second.logs()
+
+
+def test_image_under_torchrun_trains_as_one_server_and_drains(
+        start: Callable[..., Container]) -> None:
+    """torchrun --nproc-per-node 2 in the container: one server of two CPU ranks."""
+    volume = f"gradserve-test-{uuid.uuid4().hex[:8]}"
+    group = start(volume, "run-group")
+    X = np.random.default_rng(1).normal(size=(256, 2)).astype(np.float32)
+    y = (X @ np.array([[2.0], [-3.4]], dtype=np.float32) + 4.2).astype(np.float32)
+    with _ready(group) as client:
+        info = client.server_info()
+        assert (info.world_size, info.backend, info.devices) == (2, "gloo", ("cpu", "cpu"))
+        model = client.create_model(
+            layers=[{"type": "Linear", "in_features": 2, "out_features": 1}], loss="mse",
+            optimizer={"type": "sgd", "lr": 0.05}, seed=0, model_id="group-linreg")
+        events = list(model.train(X, y, epochs=3, batch_size=32, shuffle=True, seed=0))
+        losses = [e.epoch_loss for e in events if e.kind == "epoch_end"]
+        assert losses[-1] < losses[0] / 10, losses  # it learned, split over two ranks
+        steps = model.refresh().step
+        assert steps == 24
+    _script("health", timeout=60, **group.env)
+    with urllib.request.urlopen(f"http://127.0.0.1:{group.metrics_port}/metrics",
+                                timeout=10) as reply:
+        assert "gradserve_world_size 2.0" in reply.read().decode()
+
+    code = group.stop()
+    logs = group.logs()
+    assert code in (0, 1), logs  # no SIGKILL (137); torchrun exits 1 after a signal
+    assert logs.count("checkpointed 1 model(s)") == 1, logs
+    assert "rank stopped" in logs and "exit_code=0" in logs, logs  # rank 1
+    assert "gradserve: stopped" in logs, logs  # rank 0
+
+    # one process restores the group's checkpoint: they load at any world size
+    single = start(volume)
+    with _ready(single) as client:
+        assert client.model("group-linreg").info.step == steps
+        assert client.server_info().world_size == 1
+    assert single.stop() == 0, single.logs()
 
 
 def test_read_only_image_without_a_writable_tmp_refuses_to_start(image: str) -> None:

@@ -348,6 +348,24 @@ def test_compose_runs_gradserve_on_cpu_or_gpu() -> None:
     assert "gradserve" in gpu["networks"]["default"]["aliases"]  # Prometheus's target name
 
 
+def test_compose_group_profile_runs_one_server_of_two_torchrun_ranks() -> None:
+    import torch.distributed.run as torchrun
+
+    group = compose()["services"]["gradserve-group"]
+    assert group["profiles"] == ["group"] and group["init"] is True
+    assert group["entrypoint"][0] == "torchrun"
+    args = torchrun.get_args_parser().parse_args(group["entrypoint"][1:])
+    assert args.standalone and args.nproc_per_node == "2" and args.max_restarts >= 1
+    assert args.module and args.training_script == "gradserve_server"
+    assert {p.rsplit(":", 1)[1] for p in group["ports"]} == {"50051", "9464"}
+    assert mounts(group)[STATE_DIR] in compose()["volumes"]
+    assert "gradserve" in group["networks"]["default"]["aliases"]
+    # each rank budgets its own memory: both fit the container's limit
+    budget = int(group["environment"]["GRADSERVE_MAX_MEMORY_MB"]) * 1024 * 1024
+    assert 2 * budget < int(group["mem_limit"].rstrip("g")) * 1024 ** 3
+    Settings.load([], {k: str(v) for k, v in group["environment"].items()})
+
+
 def test_compose_prometheus_scrapes_gradserve() -> None:
     services = compose()["services"]
     config_path = next(src for dst, src in mounts(services["prometheus"]).items()
@@ -433,7 +451,7 @@ def test_promtool_accepts_the_compose_scrape_config() -> None:
 
 # ---------------------------------------------------------------- Kubernetes
 
-OVERLAYS = ("base", "gpu", "secure")  # the ones that deploy the server
+OVERLAYS = ("base", "gpu", "secure", "group", "group-gpu")  # the ones that deploy the server
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 PROBE_HANDLERS = ("exec", "grpc", "httpGet", "tcpSocket")
 
@@ -614,6 +632,66 @@ def test_k8s_gpu_overlay_requests_a_gpu() -> None:
     assert container["readinessProbe"]["grpc"]["port"] == 50051  # the base survived the patch
 
 
+def _torchrun_args(container: dict[str, Any]) -> Any:
+    """The container's torchrun arguments as torchrun parses them, $(VAR)s substituted."""
+    import torch.distributed.run as torchrun
+
+    assert container["command"] == ["torchrun"]
+    values = {e["name"]: e.get("value", f"<{e['name']}>") for e in container["env"]}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: values[m.group(1)], a) for a in container["args"]]
+    return torchrun.get_args_parser().parse_args(args)
+
+
+def test_k8s_group_is_one_torchrun_group_with_rank_0_behind_the_service() -> None:
+    docs = kustomize("group")
+    (sts,) = by_kind(docs, "StatefulSet")
+    pod, container = server_container(docs)
+    args = _torchrun_args(container)
+    assert args.module and args.training_script == "gradserve_server"
+    assert args.nnodes == str(sts["spec"]["replicas"]) and args.max_restarts >= 1
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"  # OrderedReady would never form
+    # the rendezvous: pod 0, by the governing headless Service that lists pods not yet ready
+    name, governing = sts["metadata"]["name"], sts["spec"]["serviceName"]
+    assert args.rdzv_backend == "c10d" and args.rdzv_endpoint == f"{name}-0.{governing}:29400"
+    assert args.local_addr == f"<POD_NAME>.{governing}"  # node ranks follow the pod names
+    services = {s["metadata"]["name"]: s["spec"] for s in by_kind(docs, "Service")}
+    rdzv = services[governing]
+    assert rdzv["clusterIP"] == "None" and rdzv["publishNotReadyAddresses"] is True
+    (port,) = rdzv["ports"]
+    assert port["port"] == 29400 and port["targetPort"] in {p["name"] for p in container["ports"]}
+    # clients reach rank 0 only
+    assert services["gradserve"]["selector"]["statefulset.kubernetes.io/pod-name"] == f"{name}-0"
+    # the ranks reach each other on any port (gloo, nccl)
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    labels = pod["metadata"]["labels"]
+    assert any("ports" not in rule and any(_selects(peer["podSelector"], labels)
+                                           for peer in rule["from"])
+               for rule in policy["spec"]["ingress"])
+    # probes: pod 0 asks rank 0's health; the other pods have no server and pass
+    for kind in PROBES:
+        (command,) = [container[kind]["exec"]["command"]]
+        assert "grpc" not in container[kind]
+        assert "exec python -m gradserve.probe" in command[-1]
+        worker = subprocess.run(command, env={"HOSTNAME": f"{name}-1", "PATH": os.environ["PATH"]},
+                                capture_output=True, timeout=30, check=False)
+        assert worker.returncode == 0
+        rank0 = subprocess.run([*command[:-1], command[-1].replace("exec python", "exit 7 #")],
+                               env={"HOSTNAME": f"{name}-0", "PATH": os.environ["PATH"]},
+                               capture_output=True, timeout=30, check=False)
+        assert rank0.returncode == 7  # pod 0 runs the probe
+    assert env(container)["GROUP_NODES"] == str(sts["spec"]["replicas"])
+
+
+def test_k8s_group_gpu_takes_every_gpu_of_each_pod() -> None:
+    docs = kustomize("group-gpu")
+    _, container = server_container(docs)
+    args = _torchrun_args(container)
+    assert args.nproc_per_node == "gpu"  # torchrun: one rank per visible GPU
+    assert container["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    assert env(container)["GRADSERVE_DEVICE"] == "cuda"
+    assert container["image"].endswith("-cuda")
+
+
 def test_k8s_secure_overlay_reads_tokens_and_tls_from_secrets() -> None:
     docs = kustomize("secure")
     pod, container = server_container(docs)
@@ -730,7 +808,7 @@ def test_k8s_overlay_exposes_nothing_unauthenticated(overlay: str) -> None:
     pod, _ = server_container(docs)
     assert _selects(policy["spec"]["podSelector"], pod["metadata"]["labels"])
     prometheus_peers = [peer for rule in policy["spec"]["ingress"]
-                        if {p["port"] for p in rule["ports"]} == {"metrics"}
+                        if {p["port"] for p in rule.get("ports", [])} == {"metrics"}
                         for peer in rule["from"]]
     assert prometheus_peers and all(
         peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}

@@ -110,6 +110,7 @@ def test_checkpoint_without_state_dir(client: Client) -> None:
         m.save_checkpoint()
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_sigterm_mid_train_then_restart(spawn_server: Any, tmp_path: Path) -> None:
     first = spawn_server("--state-dir", str(tmp_path))
     X, y = _data()
@@ -132,6 +133,7 @@ def test_sigterm_mid_train_then_restart(spawn_server: Any, tmp_path: Path) -> No
         _assert_matches_local(client, "job", reported)
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_sigkill_loses_at_most_the_autosave_interval(spawn_server: Any, tmp_path: Path) -> None:
     first = spawn_server("--state-dir", str(tmp_path), "--autosave-steps", "10")
     X, y = _data()
@@ -281,6 +283,7 @@ def test_delete_checkpoint_of_a_live_model_is_written_again_at_shutdown(
         assert client.model("live").info.step == 0
 
 
+@pytest.mark.hostile("races on one id")
 def test_autosave_racing_delete_never_brings_the_model_back(make_server: Any,
                                                            tmp_path: Path) -> None:
     server = make_server(state_dir=str(tmp_path))
@@ -329,6 +332,7 @@ def _good_and_bad_state(make_server: Any, state: Path) -> None:
     _rewrite(state / "momentum.safetensors", bad_momentum)
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_bad_checkpoint_files_are_quarantined_and_the_rest_restored(make_server: Any,
                                                                     tmp_path: Path) -> None:
     state = tmp_path / "state"
@@ -364,6 +368,7 @@ def test_bad_checkpoint_files_are_quarantined_and_the_rest_restored(make_server:
     assert _metric(server, metric, reason="over_limit") == 1
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_more_checkpoints_than_max_models_starts_with_the_rest_quarantined(
         make_server: Any, tmp_path: Path) -> None:
     server = make_server(state_dir=str(tmp_path))
@@ -378,6 +383,7 @@ def test_more_checkpoints_than_max_models_starts_with_the_rest_quarantined(
     assert "max_models" in _quarantined(tmp_path)["c.safetensors"]
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_server_process_with_bad_files_starts_and_serves(spawn_server: Any, make_server: Any,
                                                         tmp_path: Path) -> None:
     """What Kubernetes sees: the process starts (no crash loop) and serves the good model."""
@@ -392,6 +398,7 @@ def test_server_process_with_bad_files_starts_and_serves(spawn_server: Any, make
     assert any("quarantined" in line and "truncated.safetensors" in line for line in proc.lines)
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_leftover_temporary_files_are_removed_at_start(make_server: Any, tmp_path: Path) -> None:
     (tmp_path / "datasets").mkdir()
     leftovers = [tmp_path / ".m.safetensors.abc123.tmp", tmp_path / ".gradserve-write-test.7.tmp",
@@ -404,6 +411,7 @@ def test_leftover_temporary_files_are_removed_at_start(make_server: Any, tmp_pat
     assert (tmp_path / "notes.txt").exists()
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_damaged_checkpoint_after_start_is_listed_and_refused_by_name(
         make_server: Any, tmp_path: Path) -> None:
     server = make_server(state_dir=str(tmp_path))
@@ -435,6 +443,7 @@ def _start_process(*args: str, env: dict[str, str] | None = None) -> subprocess.
                           capture_output=True, text=True, timeout=60, check=False)
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_state_dir_that_cannot_be_created_exits_at_once(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -446,6 +455,7 @@ def test_state_dir_that_cannot_be_created_exits_at_once(tmp_path: Path) -> None:
     assert "Not a directory" in lines[0]
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_state_dir_on_a_read_only_mount_exits_at_once(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
@@ -462,6 +472,7 @@ def test_state_dir_on_a_read_only_mount_exits_at_once(tmp_path: Path) -> None:
     assert "Read-only file system" in line
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_state_dir_check_names_uid_when_not_writable(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> int:
@@ -472,6 +483,7 @@ def test_state_dir_check_names_uid_when_not_writable(tmp_path: Path,
         statedir.prepare(tmp_path)
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_temp_dir_inside_the_state_dir_is_refused(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     inside = tmp_path / "tmp"
@@ -549,6 +561,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 BIG = [{"type": "Linear", "in_features": 1000, "out_features": 1000}]  # 4 MB: never fits
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_full_disk_answers_resource_exhausted_and_keeps_the_old_checkpoint(
         make_server: Any, small_disk: Path) -> None:
     server = make_server(state_dir=str(small_disk))
@@ -567,6 +580,7 @@ def test_full_disk_answers_resource_exhausted_and_keeps_the_old_checkpoint(
                        result="error") == 2
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_full_disk_at_sigterm_saves_every_model_that_fits(spawn_server: Any,
                                                           small_disk: Path) -> None:
     proc = spawn_server("--state-dir", str(small_disk))
@@ -631,6 +645,7 @@ def _wait_for_checkpoint(state: Path, name: str, step: int, timeout: float = 30)
     raise AssertionError(f"{name} never reached step {step} on disk")
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_sigkill_after_unary_calls_loses_at_most_the_autosave_interval(spawn_server: Any,
                                                                         tmp_path: Path) -> None:
     interval = 0.5
@@ -723,6 +738,7 @@ def test_datasets_without_the_flag_are_reported_gone(make_server: Any, tmp_path:
             list(m.train(dataset="housing", max_steps=1))
 
 
+@pytest.mark.hostile("state dir, kills (operator)")
 def test_damaged_dataset_file_is_quarantined(make_server: Any, tmp_path: Path) -> None:
     X, y = _data()
     server = make_server(state_dir=str(tmp_path), persist_datasets=1)

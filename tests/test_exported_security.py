@@ -120,6 +120,7 @@ def refused(client: Client, data: bytes, match: str, error: type = InvalidArgume
 # ------------------------------------------------------------------------------------ pickles
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_pickles_weights_that_would_create_a_file(client: Client, healthy: Any,
                                                          tmp_path: Path) -> None:
     proof = tmp_path / "torch-load-ran-the-pickle"
@@ -132,6 +133,7 @@ def test_client_pickles_weights_that_would_create_a_file(client: Client, healthy
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_opaque_object_constant(client: Client, healthy: Any,
                                              tmp_path: Path) -> None:
     target = tmp_path / "ran"
@@ -142,6 +144,7 @@ def test_client_sends_opaque_object_constant(client: Client, healthy: Any,
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_torchscript_custom_object(client: Client, healthy: Any) -> None:
     files = members(good())
     files[f"{ROOT}/data/constants/custom_obj_0"] = b"PK\x03\x04 not really"
@@ -149,6 +152,7 @@ def test_client_sends_torchscript_custom_object(client: Client, healthy: Any) ->
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_hides_pickle_in_sample_inputs(client: Client, healthy: Any,
                                               tmp_path: Path) -> None:
     """torch.save always writes example inputs; torch's loader falls back to full unpickling
@@ -171,6 +175,7 @@ def test_client_hides_pickle_in_sample_inputs(client: Client, healthy: Any,
     assert not target.exists()
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_puts_code_in_guards_and_symbolic_shapes(client: Client, healthy: Any,
                                                         tmp_path: Path) -> None:
     """ExportedProgram.module() exec()s guards_code and the deserializer sympify()s (evals)
@@ -216,6 +221,7 @@ def erfinv_archive() -> bytes:
     return export_module(Erfinv(), torch.randn(4, 3))
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_uses_operator_outside_allow_list(client: Client, healthy: Any) -> None:
     refused(client, erfinv_archive(),
             r"graph node 2 \(erfinv\): operator 'torch.ops.aten.erfinv.default' is refused: "
@@ -238,6 +244,7 @@ def test_operator_extends_allow_list_with_a_setting(make_server: Callable[..., G
     ("aten._print.default", "has effects outside the graph"),
     ("aten.no_such_op.default", "no such operator"),
 ])
+@pytest.mark.hostile("exported archives")
 def test_exported_ops_setting_refuses_unsafe_names(bad: str, why: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
@@ -259,18 +266,21 @@ def _retarget(target: str) -> bytes:
     return pack(files)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_uses_custom_operator(client: Client, healthy: Any) -> None:
     refused(client, _retarget("torch.ops.mylib.evil.default"),
             r"operator 'torch.ops.mylib.evil.default' is refused: custom operators")
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_uses_higher_order_operator(client: Client, healthy: Any) -> None:
     refused(client, _retarget("torch.ops.higher_order.cond"),
             r"operator 'torch.ops.higher_order.cond' is refused: custom operators")
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_uses_side_effecting_operator(client: Client, healthy: Any) -> None:
     refused(client, _retarget("torch.ops.aten._print.default"),
             r"operator 'torch.ops.aten._print.default' is refused: it is not in the operator "
@@ -278,6 +288,7 @@ def test_client_uses_side_effecting_operator(client: Client, healthy: Any) -> No
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_writes_into_its_input_in_place(client: Client, healthy: Any) -> None:
     """An in-place op aimed at the request's input (read-only wire memory) or a parameter."""
     for victim in ("x", "p_fc_weight"):
@@ -293,6 +304,7 @@ def test_client_writes_into_its_input_in_place(client: Client, healthy: Any) -> 
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_aims_batch_norm_statistics_at_its_input(client: Client, healthy: Any) -> None:
     """batch_norm updates running_mean in place without saying so in its schema."""
     files = members(good())
@@ -307,6 +319,7 @@ def test_client_aims_batch_norm_statistics_at_its_input(client: Client, healthy:
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_graph_allocates_huge_tensor(make_server: Callable[..., GradServer]) -> None:
     """The graph is run on meta tensors first: 320 MB of zeros is refused before allocation."""
     class Blowup(nn.Module):
@@ -330,6 +343,7 @@ def test_client_graph_allocates_huge_tensor(make_server: Callable[..., GradServe
 # ------------------------------------------------------------------------------------ the zip
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_unknown_file(client: Client, healthy: Any) -> None:
     for name, match in ((f"{ROOT}/extra/run_me.py", r"unknown member 'extra/run_me.py'"),
                         (f"{ROOT}/data/aotinductor/model/model.so",
@@ -344,6 +358,7 @@ def test_client_sends_unknown_file(client: Client, healthy: Any) -> None:
     "../../etc/passwd", "/etc/passwd", f"{ROOT}/../models/model.json",
     f"{ROOT}/models/../models/x.json", f"{ROOT}\\models\\model.json", f"{ROOT}//archive_format",
 ])
+@pytest.mark.hostile("exported archives")
 def test_client_uses_path_traversal_names(client: Client, healthy: Any, name: str) -> None:
     files = members(good())
     files[name] = b"x"
@@ -351,6 +366,7 @@ def test_client_uses_path_traversal_names(client: Client, healthy: Any, name: st
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_zip_bomb(client: Client, healthy: Any) -> None:
     files = members(good())
     files[f"{ROOT}/data/weights/weight_0"] = bytes(16 * 1024 * 1024)
@@ -360,6 +376,7 @@ def test_client_sends_zip_bomb(client: Client, healthy: Any) -> None:
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_oversize_members(client: Client, healthy: Any,
                                        make_server: Callable[..., GradServer]) -> None:
     files = members(good())
@@ -375,6 +392,7 @@ def test_client_sends_oversize_members(client: Client, healthy: Any,
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_claims_more_elements_than_the_member_holds(client: Client, healthy: Any) -> None:
     files = members(good())
 
@@ -388,6 +406,7 @@ def test_client_claims_more_elements_than_the_member_holds(client: Client, healt
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_too_many_nodes_or_parameters(make_server: Callable[..., GradServer]
                                                    ) -> None:
     server = make_server(max_exported_nodes=2, max_parameters=10_000)
@@ -399,6 +418,7 @@ def test_client_sends_too_many_nodes_or_parameters(make_server: Callable[..., Gr
         refused(c, good(), r"elements; the limit \(max_parameters\) is 20", ResourceExhaustedError)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_duplicate_or_garbage_members(client: Client, healthy: Any) -> None:
     data = good()
     out = io.BytesIO()
@@ -416,6 +436,7 @@ def test_client_sends_duplicate_or_garbage_members(client: Client, healthy: Any)
     still_serving(client, healthy)
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_program_from_another_schema(client: Client, healthy: Any) -> None:
     files = members(good())
     edit_json(files, "models/model.json", lambda d: d["schema_version"].update(major=99))
@@ -447,6 +468,7 @@ def test_docs_list_every_allowed_operator() -> None:
         assert f"`{op}`" in docs, op
 
 
+@pytest.mark.hostile("exported archives")
 def test_client_sends_a_million_member_directory(client: Client, healthy: Any) -> None:
     """The entry count comes from the end record before zipfile builds one object per entry."""
     out = io.BytesIO()

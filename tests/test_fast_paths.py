@@ -463,6 +463,7 @@ def test_loopback_addresses_try_shared_memory_by_default() -> None:
     assert not shm.same_host("10.0.0.7:50051") and not shm.same_host("example.com:443")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_results_equal_cpu(make_server: Callable[..., Any]) -> None:
     cpu, gpu = make_server(device="cpu"), make_server(device="cuda")

@@ -54,6 +54,9 @@ elif settings.get_current_profile_name() == "default":  # --hypothesis-profile w
     settings.load_profile("ci")
 if FUZZ:
     pytestmark = pytest.mark.timeout(0)
+# Examples each property tries (the profile loaded above), for scripts/hostile_census.py.
+EXAMPLES_PER_PROPERTY = settings().max_examples
+OVERSIZE_EXAMPLES = 24
 
 # Small limits, so that oversize messages stay small and runaway specs are refused cheaply.
 MESSAGE_MB, REQUEST_MB = 4, 2
@@ -292,6 +295,7 @@ def wire_tensors(draw: st.DrawFn) -> pb.Tensor:
 @example(text="x**9**9**9**9", inputs=[], x=2.0)
 @example(text="-(" * 200 + "x" + ")" * 200, inputs=[], x=1.0)
 @example(text="x" + " + x" * 1500, inputs=[], x=1.0)
+@pytest.mark.hostile("specs, options, ids", inputs=EXAMPLES_PER_PROPERTY)
 def test_expressions(fuzz_client: Client, probe: Probe, text: str, inputs: list[str],
                      x: Any) -> None:
     """Any text as an expression: refused with INVALID_ARGUMENT, or it builds and evaluates."""
@@ -320,6 +324,7 @@ def test_expressions(fuzz_client: Client, probe: Probe, text: str, inputs: list[
          integral=False)
 @example(layers=[{"type": "Linear", "in_features": math.nan, "out_features": 1}], shape=[1, 1],
          integral=False)
+@pytest.mark.hostile("specs, options, ids", inputs=EXAMPLES_PER_PROPERTY)
 def test_layer_specs(fuzz_client: Client, probe: Probe, layers: list[dict[str, Any]],
                      shape: list[int], integral: bool) -> None:
     """Random layer types and keyword arguments (any JSON value): refused with a proper status,
@@ -359,6 +364,7 @@ def test_layer_specs(fuzz_client: Client, probe: Probe, layers: list[dict[str, A
                                              [math.nan, math.inf]]), max_size=2),
     model_id=mostly(st.just(""), st.text(max_size=140)),
 )
+@pytest.mark.hostile("specs, options, ids", inputs=EXAMPLES_PER_PROPERTY)
 def test_model_specs(fuzz_client: Client, probe: Probe, loss: str, reduction: str,
                      loss_kwargs: dict[str, Any], optimizer: str, opt_params: dict[str, Any],
                      seed: int | None, dtype: str, frozen: list[str],
@@ -380,6 +386,7 @@ def test_model_specs(fuzz_client: Client, probe: Probe, loss: str, reduction: st
 
 @given(dtype=DTYPE_ENUMS, layers=st.integers(0, 2), which=st.integers(0, 3),
        parameters=st.dictionaries(st.text(max_size=6), wire_tensors(), max_size=2))
+@pytest.mark.hostile("bytes that are not protobuf", inputs=EXAMPLES_PER_PROPERTY)
 def test_raw_specs(stub: Any, probe: Probe, dtype: int, layers: int, which: int,
                    parameters: dict[str, pb.Tensor]) -> None:
     """Specs only the wire can express: unknown dtype enums, empty or several sources, and
@@ -418,6 +425,7 @@ def target(fuzz_client: Client) -> Any:
     flags=[True, True, True])
 @example(inputs=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1] * 70 + [2], data=bytes(8))],
          target_=None, grad=None, retain=False, step=False, flags=[False, False, False])
+@pytest.mark.hostile("bytes that are not protobuf", inputs=EXAMPLES_PER_PROPERTY)
 def test_wire_tensors(stub: Any, probe: Probe, target: Any, inputs: list[pb.Tensor],
                       target_: pb.Tensor | None, grad: pb.Tensor | None, retain: bool,
                       step: bool, flags: list[bool]) -> None:
@@ -443,6 +451,7 @@ def test_wire_tensors(stub: Any, probe: Probe, target: Any, inputs: list[pb.Tens
                               wire_tensors(), min_size=1, max_size=2))
 @example(values={"0.weight": pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[1, 2], data=bytes(8)),
                  "0.bias": pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[7], data=bytes(28))})
+@pytest.mark.hostile("specs, options, ids", inputs=EXAMPLES_PER_PROPERTY)
 def test_set_parameters_all_or_nothing(stub: Any, probe: Probe, target: Any,
                                        values: dict[str, pb.Tensor]) -> None:
     """SetParameters with malformed tensors: refused as a whole (nothing written), or applied."""
@@ -487,6 +496,7 @@ any_float = st.floats(allow_nan=True, allow_infinity=True)
          seed=2**64 - 1, drop_last=False, stop_loss=None, accumulation=1, clip=0.0,
          schedule="step", schedule_params={"step_size": 0}, warmup=0, warmup_factor=0.0,
          log_every=1, skip_nonfinite=False, nan_data=False)
+@pytest.mark.hostile("specs, options, ids", inputs=EXAMPLES_PER_PROPERTY)
 def test_train_options(stub: Any, fuzz_client: Client, probe: Probe, n: int, features: int,
                        target_shift: int, epochs: int, max_steps: int, batch_size: int,
                        shuffle: bool, seed: int, drop_last: bool, stop_loss: float | None,
@@ -526,6 +536,7 @@ def test_train_options(stub: Any, fuzz_client: Client, probe: Probe, n: int, fea
        target_header=st.none() | st.tuples(DTYPE_ENUMS, shapes),
        chunks=st.lists(st.binary(max_size=64), max_size=4), header_twice=st.booleans(),
        dataset_id=st.just("") | st.text(max_size=20))
+@pytest.mark.hostile("specs, options, ids", inputs=EXAMPLES_PER_PROPERTY)
 def test_upload_headers(stub: Any, fuzz_client: Client, probe: Probe,
                         headers: list[tuple[int, list[int]]],
                         target_header: tuple[int, list[int]] | None, chunks: list[bytes],
@@ -583,6 +594,7 @@ def mutated(draw: st.DrawFn, base: bytes) -> bytes:
 
 @given(data=st.data(), method=st.sampled_from(["Forward", "Backward", "SetParameters",
                                                "GetParameters", "CreateModel"]))
+@pytest.mark.hostile("bytes that are not protobuf", inputs=EXAMPLES_PER_PROPERTY)
 def test_mutated_wire_bytes(fuzz_client: Client, probe: Probe, target: Any,
                             data: st.DataObject, method: str) -> None:
     """Mutated and random request bytes: a proper status, grpc's own parse error, or a result
@@ -622,10 +634,11 @@ def _oversize(rpc: str, model_id: str, nbytes: int) -> Callable[[Any], Any]:
         pb.TrainStreamRequest(batch=pb.InlineData(inputs=[big]))])))
 
 
-@settings(max_examples=24)  # 12 kinds of oversize request, a few sizes each, in either profile
+@settings(max_examples=OVERSIZE_EXAMPLES)  # 12 kinds of oversize request, a few sizes each
 @given(rpc=st.sampled_from(["Forward", "Backward", "SetParameters", "CreateModel", "Train",
                             "TrainStream"]),
        over=st.sampled_from(["request", "message"]), extra=st.integers(4, 256 * 1024))
+@pytest.mark.hostile("memory", inputs=OVERSIZE_EXAMPLES)
 def test_oversize_messages(stub: Any, probe: Probe, target: Any, rpc: str, over: str,
                            extra: int) -> None:
     """Bigger than --max-request-mb: our RESOURCE_EXHAUSTED naming the limit; bigger than
@@ -643,6 +656,7 @@ def test_oversize_messages(stub: Any, probe: Probe, target: Any, rpc: str, over:
     probe.alive()
 
 
+@pytest.mark.hostile("bytes that are not protobuf")
 def test_long_quotes_are_clipped(stub: Any, probe: Probe) -> None:
     """A message quoting a huge id stays small enough for the status header: the caller gets
     the real error (NOT_FOUND), not a header-size failure."""
@@ -653,6 +667,7 @@ def test_long_quotes_are_clipped(stub: Any, probe: Probe) -> None:
     probe.alive()
 
 
+@pytest.mark.hostile("specs, options, ids")
 def test_schedule_arguments_checked_before_the_run(fuzz_client: Client, probe: Probe) -> None:
     """Schedule arguments torch only trips over while stepping are refused up front; the
     documented default cosine t_max works."""

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
+import re
 import statistics
 import threading
 import time
@@ -110,6 +112,7 @@ def forward_from_region(channel: grpc.Channel, model_id: str, region_id: str, n:
 
 
 @needs_memfd
+@pytest.mark.hostile("shared memory")
 def test_client_truncates_segment_after_register(spawn_server: Any) -> None:
     server = spawn_server()
     n = 32 * 1024  # 128 KiB: large enough that the reply goes into the region too
@@ -171,6 +174,7 @@ def test_client_truncates_segment_after_register(spawn_server: Any) -> None:
 
 
 @needs_memfd
+@pytest.mark.hostile("shared memory")
 def test_client_registers_regions_past_the_caps(spawn_server: Any) -> None:
     server = spawn_server("--max-shm-regions-per-connection", "4", "--max-shm-regions", "6")
     pid = server.proc.pid
@@ -201,6 +205,7 @@ def test_client_registers_regions_past_the_caps(spawn_server: Any) -> None:
 
 
 @needs_memfd
+@pytest.mark.hostile("shared memory")
 def test_client_uses_a_region_id_registered_by_another_connection(
         make_server: Callable[..., GradServer]) -> None:
     server = make_server()
@@ -233,6 +238,7 @@ def test_client_uses_a_region_id_registered_by_another_connection(
         os.close(fd)
 
 
+@pytest.mark.hostile("shared memory")
 def test_client_probes_dev_shm_files_through_registration(
         make_server: Callable[..., GradServer], tmp_path: Path) -> None:
     server = make_server()
@@ -275,6 +281,75 @@ def test_client_probes_dev_shm_files_through_registration(
         existing.unlink(missing_ok=True)
 
 
+BAD_REFS = [(0, 16), (63, 16), (2**64 - 1, 16), (64, 2**64 - 1), (MIB - 8, 16), (MIB, 16)]
+
+
+@needs_memfd
+@pytest.mark.hostile("shared memory", inputs=4 + len(BAD_REFS) + 3)
+def test_client_aims_shared_memory_references_outside_its_region(
+        make_server: Callable[..., GradServer]) -> None:
+    """Offsets and lengths past the region (or inside its nonce header), reply ranges past it,
+    memfds that are unsealed, misnamed, or registered with the wrong nonce or size, and a
+    descriptor closed after registration: each gets its status, nothing is read or written
+    outside the region, and the server keeps serving."""
+    server = make_server()
+    address = f"127.0.0.1:{server.port}"
+    nonce = os.urandom(16)
+    good = sealed_memfd(MIB, nonce)
+    unsealed = sealed_memfd(MIB, nonce, seal=False)
+    misnamed = os.memfd_create("other-name", os.MFD_ALLOW_SEALING)
+    os.ftruncate(misnamed, MIB)
+    os.pwrite(misnamed, nonce, 0)
+    fcntl.fcntl(misnamed, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            for fd, size, key in ((unsealed, MIB, nonce), (misnamed, MIB, nonce),
+                                  (good, MIB, bytes(16)), (good, MIB // 2, nonce)):
+                error = rpc_error(lambda fd=fd, size=size, key=key: register_memfd(
+                    channel, fd, size, key))
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            region = register_memfd(channel, good, MIB, nonce)
+            with Client(address, shared_memory=False) as c:
+                model_id = c.create_model(layers=[{"type": "Identity"}]).id
+            forward = channel.unary_unary(
+                SERVICE + "Forward", request_serializer=pb.ForwardRequest.SerializeToString,
+                response_deserializer=pb.ForwardResponse.FromString)
+            reply = pb.SharedMemoryRef(region_id=region, offset=4096, length=4096)
+            for offset, length in BAD_REFS:
+                tensor = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[4], shm=pb.SharedMemoryRef(
+                    region_id=region, offset=offset, length=length))
+                error = rpc_error(lambda t=tensor: forward(pb.ForwardRequest(
+                    model_id=model_id, inputs=[t], shm_reply=reply), timeout=10))
+                assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                        grpc.StatusCode.RESOURCE_EXHAUSTED), (offset, error)
+            x = torch.arange(100_000, dtype=torch.float32)
+            for offset, length in ((0, 4096), (2**64 - 1, 10), (MIB, 1)):  # reply range bad
+                out = forward(pb.ForwardRequest(
+                    model_id=model_id, inputs=[pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[100_000],
+                                                         data=x.numpy().tobytes())],
+                    shm_reply=pb.SharedMemoryRef(region_id=region, offset=offset,
+                                                 length=length)), timeout=10)
+                assert not out.output.HasField("shm")  # it came back on the wire instead
+                assert torch.equal(torch.frombuffer(bytearray(out.output.data),
+                                                    dtype=torch.float32), x)
+            os.close(good)  # the mapping stays valid; the client's own descriptor is gone
+            good = -1
+            assert list(forward_from_region(channel, model_id, region, 8).output.shape) == [8]
+            with grpc.insecure_channel(address, options=[
+                    ("grpc.use_local_subchannel_pool", 1)]) as other:
+                error = rpc_error(lambda: other.unary_unary(
+                    SERVICE + "UnregisterSharedMemory",
+                    request_serializer=pb.UnregisterSharedMemoryRequest.SerializeToString)(
+                    pb.UnregisterSharedMemoryRequest(region_id=region), timeout=10))
+                assert error.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        for fd in (good, unsealed, misnamed):
+            if fd >= 0:
+                os.close(fd)
+    other_client_is_served(address)
+
+
+@pytest.mark.hostile("shared memory")
 def test_remote_peer_is_refused_shared_memory() -> None:
     from gradserve_server.core.errors import FailedPrecondition
     from gradserve_server.transport.shm import Owner, SharedMemoryRegistry, loopback
@@ -294,6 +369,7 @@ def _tokens(tmp_path: Path) -> str:
 
 
 @needs_memfd
+@pytest.mark.hostile("shared memory")
 def test_token_without_shm_scope_registers_shared_memory(
         make_server: Callable[..., GradServer], tmp_path: Path) -> None:
     server = make_server(auth_token_file=_tokens(tmp_path))
@@ -322,6 +398,100 @@ def test_token_without_shm_scope_registers_shared_memory(
     with Client(address, token="local", shared_memory=True) as local:
         assert torch.equal(local.model(model_id).forward(x), x)
         assert local._shm is not None and local._shm.enabled and local._shm.segments == 1
+
+
+@needs_memfd
+@pytest.mark.hostile("shared memory", inputs=2)
+def test_client_uses_a_region_with_another_token_on_the_same_connection(
+        make_server: Callable[..., GradServer], tmp_path: Path) -> None:
+    """A region is bound to the credential as well as the connection: another token sent on
+    the registering channel gets the answer an unknown id gets, and cannot unregister it."""
+    server = make_server(auth_token_file=_tokens(tmp_path))
+    address = f"127.0.0.1:{server.port}"
+    n = 1024
+    size, nonce = 64 + 2 * 4 * n + 64, os.urandom(16)
+    fd = sealed_memfd(size, nonce)
+    local, admin = (("authorization", "Bearer local"),), (("authorization", "Bearer admin"),)
+    try:
+        with Client(address, token="admin", shared_memory=False) as c, \
+                grpc.insecure_channel(address) as channel:
+            model_id = c.create_model(layers=[{"type": "Identity"}]).id
+            region = register_memfd(channel, fd, size, nonce, metadata=local)
+            forward = channel.unary_unary(
+                SERVICE + "Forward", request_serializer=pb.ForwardRequest.SerializeToString,
+                response_deserializer=pb.ForwardResponse.FromString)
+            request = pb.ForwardRequest(model_id=model_id, inputs=[pb.Tensor(
+                dtype=pb.DTYPE_FLOAT32, shape=[n],
+                shm=pb.SharedMemoryRef(region_id=region, offset=64, length=4 * n))],
+                shm_reply=pb.SharedMemoryRef(region_id=region, offset=64 + 4 * n,
+                                             length=4 * n))
+            error = rpc_error(lambda: forward(request, timeout=10, metadata=admin))
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            unregister = channel.unary_unary(
+                SERVICE + "UnregisterSharedMemory",
+                request_serializer=pb.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=pb.UnregisterSharedMemoryResponse.FromString)
+            error = rpc_error(lambda: unregister(
+                pb.UnregisterSharedMemoryRequest(region_id=region), timeout=10, metadata=admin))
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+            # the owner still uses it
+            assert list(forward(request, timeout=10, metadata=local).output.shape) == [n]
+    finally:
+        os.close(fd)
+    other_client_is_served(address, token="admin")
+
+
+@needs_memfd
+@pytest.mark.hostile("shared memory", inputs=240)
+def test_client_unregisters_a_region_while_its_calls_read_it(
+        make_server: Callable[..., GradServer]) -> None:
+    """Forwards reading and writing a region race its UnregisterSharedMemory (and calls keep
+    coming after it is gone): each call answers OK or FAILED_PRECONDITION, never INTERNAL or a
+    crash, and nothing is unmapped under a running call."""
+    server = make_server()
+    address = f"127.0.0.1:{server.port}"
+    n = 256 * 1024
+    size = 64 + 2 * 4 * n + 64
+    codes: list[grpc.StatusCode] = []
+    with Client(address, shared_memory=False) as c, grpc.insecure_channel(address) as channel:
+        model_id = c.create_model(layers=[{"type": "Identity"}]).id
+        unregister = channel.unary_unary(
+            SERVICE + "UnregisterSharedMemory",
+            request_serializer=pb.UnregisterSharedMemoryRequest.SerializeToString,
+            response_deserializer=pb.UnregisterSharedMemoryResponse.FromString)
+        for _ in range(20):
+            nonce = os.urandom(16)
+            fd = sealed_memfd(size, nonce)
+            try:
+                region = register_memfd(channel, fd, size, nonce)
+                forward = channel.unary_unary(
+                    SERVICE + "Forward", request_serializer=pb.ForwardRequest.SerializeToString,
+                    response_deserializer=pb.ForwardResponse.FromString)
+                request = pb.ForwardRequest(model_id=model_id, inputs=[pb.Tensor(
+                    dtype=pb.DTYPE_FLOAT32, shape=[n], shm=pb.SharedMemoryRef(
+                        region_id=region, offset=64, length=4 * n))],
+                    shm_reply=pb.SharedMemoryRef(region_id=region, offset=64 + 4 * n,
+                                                 length=4 * n))
+                # calls before, during and after the unregistration, all in flight at once
+                futures = [forward.future(request, timeout=20) for _ in range(5)]
+                gone = unregister.future(pb.UnregisterSharedMemoryRequest(region_id=region),
+                                         timeout=10)
+                futures += [forward.future(request, timeout=20) for _ in range(5)]
+                gone.result()
+                for future in futures:
+                    try:
+                        future.result()
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as exc:
+                        codes.append(exc.code())
+                error = rpc_error(functools.partial(forward_from_region, channel, model_id,
+                                                    region, n))
+                codes.append(error.code())
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            finally:
+                os.close(fd)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION}, codes
+    other_client_is_served(address)
 
 
 # ------------------------------------------------------------------------------------ 2. starvation
@@ -371,6 +541,7 @@ async def _idle_streams(address: str, per_kind: int, model_id: str
     return [c for cs in calls.values() for c in cs], channels
 
 
+@pytest.mark.hostile("streams, connections, floods")
 def test_idle_streams_of_every_kind_do_not_starve_health_or_list_models(
         spawn_server: Any) -> None:
     per_kind = 1000
@@ -453,6 +624,7 @@ def _silent_after(first: bytes | None, release: threading.Event) -> Iterator[byt
     release.wait(60)
 
 
+@pytest.mark.hostile("streams, connections, floods")
 def test_train_stream_that_sends_only_its_config_holds_no_train_slot(
         make_server: Callable[..., GradServer]) -> None:
     server = make_server(max_train_runs=1)
@@ -474,6 +646,7 @@ def test_train_stream_that_sends_only_its_config_holds_no_train_slot(
         other_client_is_served(address)
 
 
+@pytest.mark.hostile("streams, connections, floods")
 def test_client_opens_streams_and_sends_nothing(make_server: Callable[..., GradServer]) -> None:
     server = make_server(stream_idle_seconds=1.0)
     address = f"127.0.0.1:{server.port}"
@@ -497,6 +670,72 @@ def test_client_opens_streams_and_sends_nothing(make_server: Callable[..., GradS
     other_client_is_served(address)
 
 
+def _uvarint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(value & 0x7F | (0x80 if value >> 7 else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    return _uvarint(number << 3 | wire_type) + payload
+
+
+def _nested(depth: int) -> bytes:
+    data = b""
+    for _ in range(depth):
+        data = _field(2, 2, _uvarint(len(data)) + data)
+    return data
+
+
+# Request bodies no client library would send: each method must answer them with a status
+# naming the problem (or treat them as the empty message they parse to), never INTERNAL.
+MALFORMED: dict[str, bytes] = {
+    "empty": b"", "random": bytes(range(7, 250, 3)), "truncated-varint": b"\x08\xff\xff",
+    "length-past-end": b"\x0a\xff\xff\xff\xff\x0f", "overlong-varint": b"\x08" + b"\xff" * 11,
+    "field-zero": b"\x00\x01", "group-start": b"\x0b", "group-end": b"\x0c",
+    "wire-type-7": b"\x0f", "id-not-utf8": _field(1, 2, b"\x02\xff\xfe"),
+    "unknown-field": _field(999, 0, b"\x05"), "largest-field-number": _field(536870911, 0, b"\x01"),
+    "nested-200-deep": _nested(200),
+}
+METHODS = [m for m in pb.DESCRIPTOR.services_by_name["GradientService"].methods]
+
+
+@pytest.mark.hostile("bytes that are not protobuf", inputs=len(METHODS) * len(MALFORMED))
+def test_client_sends_malformed_bytes_to_every_method(make_server: Callable[..., GradServer],
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    server = make_server()
+    address = f"127.0.0.1:{server.port}"
+    caplog.set_level(logging.ERROR, logger="gradserve")
+    seen: dict[str, int] = {}
+    with grpc.insecure_channel(address) as channel:
+        for method in METHODS:
+            path = SERVICE + method.name
+            for name, body in MALFORMED.items():
+                try:
+                    if method.client_streaming and method.server_streaming:
+                        list(channel.stream_stream(path)(iter([body]), timeout=10))
+                    elif method.client_streaming:
+                        channel.stream_unary(path)(iter([body]), timeout=10)
+                    elif method.server_streaming:
+                        list(channel.unary_stream(path)(body, timeout=10))
+                    else:
+                        channel.unary_unary(path)(body, timeout=10)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    grpc.StatusCode.UNAVAILABLE), (method.name, name, code)
+                seen[code.name] = seen.get(code.name, 0) + 1
+    assert seen.get("INVALID_ARGUMENT", 0) > len(METHODS) * 5, seen
+    assert not [r for r in caplog.records if "incident" in r.getMessage()]
+    other_client_is_served(address)
+
+
+@pytest.mark.hostile("bytes that are not protobuf")
 def test_client_sends_bytes_that_are_not_protobuf(client: Client, server: GradServer) -> None:
     address = f"127.0.0.1:{server.port}"
     garbage = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x7f\x12"
@@ -512,6 +751,7 @@ def test_client_sends_bytes_that_are_not_protobuf(client: Client, server: GradSe
     other_client_is_served(address)
 
 
+@pytest.mark.hostile("streams, connections, floods")
 def test_client_cancels_and_times_out_calls(make_server: Callable[..., GradServer],
                                             caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
@@ -582,6 +822,7 @@ def _upload_then_cancel(address: str, nbytes: int, sent: int) -> None:
         future.cancel()
 
 
+@pytest.mark.hostile("memory")
 def test_client_cancels_big_uploads_midway(spawn_server: Any) -> None:
     server = spawn_server()
     pid = server.proc.pid
@@ -598,6 +839,7 @@ def test_client_cancels_big_uploads_midway(spawn_server: Any) -> None:
     other_client_is_served(server.address)
 
 
+@pytest.mark.hostile("memory")
 def test_burst_of_large_calls_gives_memory_back(spawn_server: Any) -> None:
     server = spawn_server()
     pid = server.proc.pid
@@ -625,9 +867,243 @@ def test_burst_of_large_calls_gives_memory_back(spawn_server: Any) -> None:
     other_client_is_served(server.address)
 
 
+@pytest.mark.hostile("streams, connections, floods", inputs=400)
+def test_client_floods_the_server_with_idle_connections(spawn_server: Any,
+                                                      tmp_path: Path) -> None:
+    """TCP connections that never speak HTTP/2 (no token needed) took every descriptor the
+    server had: SaveCheckpoint failed with "Too many open files" (the SIGTERM drain would have
+    too) and /metrics stopped answering. Connections are capped below the descriptor limit,
+    so the server's own files keep working; the flooding peers are refused."""
+    import resource
+    import socket
+    import urllib.request
+
+    server = spawn_server("--state-dir", str(tmp_path), env={"GRADSERVE_METRICS_PORT": "0"},
+                          rlimits={resource.RLIMIT_NOFILE: (256, 256)})
+    metrics_port = next(int(m.group(1)) for line in server.lines
+                        if (m := re.search(r'"metrics_port": (\d+)', line)))
+    flood: list[socket.socket] = []
+    with Client(server.address, timeout=30, shared_memory=False) as client:
+        m = client.create_model(layers=LINEAR, loss="mse", seed=0, model_id="keep")
+        try:
+            for _ in range(400):
+                flood.append(socket.create_connection(("127.0.0.1", int(
+                    server.address.rsplit(":", 1)[1])), timeout=5))
+            time.sleep(1.0)  # the server has accepted what it will accept
+            assert fds(server.proc.pid) < 256
+            assert m.save_checkpoint().num_bytes > 0  # its own files still open
+            assert m.backward(torch.ones(2, 2), torch.zeros(2, 1), step=True).step == 1
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                          timeout=10).read()
+            assert b"gradserve_models" in body
+        finally:
+            for sock in flood:
+                sock.close()
+    assert poll(lambda: fds(server.proc.pid) < 64, 30)
+    other_client_is_served(server.address)
+
+
+@pytest.mark.hostile("streams, connections, floods", inputs=100)
+def test_unauthenticated_client_fills_the_rpc_limit_with_health_watches(
+        make_server: Callable[..., GradServer], tmp_path: Path) -> None:
+    """Health/Watch needs no token and never ends by itself: watches up to
+    --max-concurrent-rpcs made every call of every client, health Check included, fail with
+    RESOURCE_EXHAUSTED (a failing liveness probe restarts the pod). Watches get a share of the
+    limit; Check always answers; token holders keep the rest."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("admin-token\n")
+    server = make_server(auth_token_file=str(tokens), max_concurrent_rpcs=64)
+    address = f"127.0.0.1:{server.port}"
+    channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(2)]
+    watches = [health_pb2_grpc.HealthStub(channels[i % 2]).Watch(
+        health_pb2.HealthCheckRequest(), timeout=60) for i in range(100)]
+    try:
+        refused = 0
+        for w in watches:  # the first message (or the refusal) of each
+            try:
+                assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                assert "watch" in (exc.details() or "").lower()
+                refused += 1
+        assert 0 < refused < 100
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address)).Check
+        for _ in range(20):
+            assert health(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+        other_client_is_served(address, token="admin-token")
+    finally:
+        for w in watches:
+            w.cancel()
+        for ch in channels:
+            ch.close()
+
+
+@pytest.mark.hostile("streams, connections, floods", inputs=40)
+def test_client_fills_the_rpc_limit_with_silent_calls(make_server: Callable[..., GradServer]
+                                                     ) -> None:
+    """Calls opened without their request message, up to --max-concurrent-rpcs: new calls are
+    refused with RESOURCE_EXHAUSTED until the silent ones time out, but health Check answers
+    throughout (a probe must not restart a server that is only busy)."""
+    server = make_server(max_concurrent_rpcs=32, stream_idle_seconds=60)
+    address = f"127.0.0.1:{server.port}"
+    release = threading.Event()
+    with grpc.insecure_channel(address) as channel:
+        silent = [channel.stream_stream(SERVICE + "ListModels")(_silent_after(None, release))
+                  for _ in range(40)]
+        try:
+            time.sleep(1.0)
+            with Client(address, timeout=10, retries=0, shared_memory=False) as other:
+                with pytest.raises(GradServeError) as err:
+                    other.list_models()
+                assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(address)).Check
+            for _ in range(20):
+                assert health(health_pb2.HealthCheckRequest(), timeout=5).status == 1
+        finally:
+            release.set()
+            for call in silent:
+                call.cancel()
+    assert poll(lambda: _lists(address), 10)
+    other_client_is_served(address)
+
+
+def _lists(address: str) -> bool:
+    with Client(address, timeout=5, retries=0, shared_memory=False) as c:
+        try:
+            c.list_models()
+            return True
+        except GradServeError:
+            return False
+
+
 # ------------------------------------------------------------------------------------ 4. auth
 
 
+BAD_HEADERS: list[Any] = [
+    None, (("authorization", "Bearer wrong"),), (("authorization", "Basic reader"),),
+    (("authorization", "Bearer"),), (("authorization", "Bearer " + "x" * 7000),),
+    (("authorization", "bearer admin-ish"),), (("authorization", "Bearer reader, admin"),),
+    (("authorization", "Bearer admin"), ("authorization", "Bearer wrong")),
+]
+
+
+@pytest.mark.hostile("auth, tokens, TLS", inputs=len(METHODS) * (len(BAD_HEADERS) + 1))
+def test_client_without_a_valid_token_calls_every_method(
+        make_server: Callable[..., GradServer], tmp_path: Path) -> None:
+    """Every GradientService method with a missing, malformed, wrong or last-wins-wrong token
+    is refused with UNAUTHENTICATED, and a read-only token with PERMISSION_DENIED outside its
+    scope; health and reflection stay open."""
+    from gradserve_server.transport.interceptors import SCOPES
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("admin\nreader read\n")
+    server = make_server(auth_token_file=str(tokens))
+    address = f"127.0.0.1:{server.port}"
+
+    def code(channel: grpc.Channel, method: Any, metadata: Any) -> grpc.StatusCode:
+        path = SERVICE + method.name
+        try:
+            if method.client_streaming and method.server_streaming:
+                list(channel.stream_stream(path)(iter([b""]), timeout=10, metadata=metadata))
+            elif method.client_streaming:
+                channel.stream_unary(path)(iter([b""]), timeout=10, metadata=metadata)
+            elif method.server_streaming:
+                list(channel.unary_stream(path)(b"", timeout=10, metadata=metadata))
+            else:
+                channel.unary_unary(path)(b"", timeout=10, metadata=metadata)
+        except grpc.RpcError as exc:
+            return exc.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    with grpc.insecure_channel(address) as channel:
+        for method in METHODS:
+            for metadata in BAD_HEADERS:
+                got = code(channel, method, metadata)
+                assert got == grpc.StatusCode.UNAUTHENTICATED, (method.name, metadata, got)
+            got = code(channel, method, (("authorization", "Bearer reader"),))
+            if SCOPES.get(method.name, "admin") == "read":
+                assert got not in (grpc.StatusCode.UNAUTHENTICATED,
+                                   grpc.StatusCode.PERMISSION_DENIED), (method.name, got)
+            else:
+                assert got == grpc.StatusCode.PERMISSION_DENIED, (method.name, got)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    other_client_is_served(address, token="admin")
+
+
+# The scope each GradientService method needs, written out here rather than read from the
+# server, so that a method moved to a weaker scope (or added without one) fails this test.
+NEEDS = {
+    **dict.fromkeys(("Forward", "GetModel", "ListModels", "GetParameters", "ListDatasets",
+                     "ListCheckpoints", "GetServerInfo"), "read"),
+    **dict.fromkeys(("RegisterSharedMemory", "UnregisterSharedMemory"), "shm"),
+    **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
+                     "UploadDataset", "DeleteDataset"), "train"),
+    **dict.fromkeys(("CreateModel", "DeleteModel", "SaveCheckpoint", "LoadCheckpoint",
+                     "DeleteCheckpoint"), "admin"),
+}
+# token -> the scopes its line grants (a line without scopes grants all four)
+MATRIX_TOKENS = {"t-read": {"read"}, "t-train": {"train"}, "t-admin": {"admin"},
+                 "t-shm": {"shm"}, "t-read-train": {"read", "train"},
+                 "t-all": {"read", "train", "admin", "shm"}}
+
+
+def _call_code(channel: grpc.Channel, method: Any, metadata: Any) -> tuple[grpc.StatusCode, str]:
+    """The status of one call of method with an empty request (and nothing else sent)."""
+    path = SERVICE + method.name
+    try:
+        if method.client_streaming and method.server_streaming:
+            list(channel.stream_stream(path)(iter([b""]), timeout=10, metadata=metadata))
+        elif method.client_streaming:
+            channel.stream_unary(path)(iter([b""]), timeout=10, metadata=metadata)
+        elif method.server_streaming:
+            list(channel.unary_stream(path)(b"", timeout=10, metadata=metadata))
+        else:
+            channel.unary_unary(path)(b"", timeout=10, metadata=metadata)
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.hostile("auth, tokens, TLS", inputs=len(METHODS) * (len(MATRIX_TOKENS) + 1))
+def test_client_calls_every_method_with_every_scope(make_server: Callable[..., GradServer],
+                                                    tmp_path: Path) -> None:
+    """Every method x every scope x with and without a token: no token is UNAUTHENTICATED;
+    a token without the method's scope is PERMISSION_DENIED naming the method and the scope;
+    a token with it reaches the method (an empty request: never UNAUTHENTICATED,
+    PERMISSION_DENIED, INTERNAL or UNKNOWN)."""
+    assert {m.name for m in METHODS} == set(NEEDS), "give every new method a scope in NEEDS"
+    tokens = tmp_path / "tokens"
+    tokens.write_text("".join(f"{t} {','.join(sorted(s))}\n" if t != "t-all" else f"{t}\n"
+                              for t, s in MATRIX_TOKENS.items()))
+    server = make_server(auth_token_file=str(tokens))
+    address = f"127.0.0.1:{server.port}"
+    wrong: list[tuple[str, str, grpc.StatusCode, str]] = []
+    with grpc.insecure_channel(address) as channel:
+        for method in METHODS:
+            code, _ = _call_code(channel, method, None)
+            if code != grpc.StatusCode.UNAUTHENTICATED:
+                wrong.append((method.name, "no token", code, ""))
+            need = NEEDS[method.name]
+            for token, scopes in MATRIX_TOKENS.items():
+                code, details = _call_code(channel, method,
+                                           (("authorization", f"Bearer {token}"),))
+                if need in scopes:
+                    ok = code not in (grpc.StatusCode.UNAUTHENTICATED,
+                                      grpc.StatusCode.PERMISSION_DENIED,
+                                      grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+                else:
+                    ok = (code == grpc.StatusCode.PERMISSION_DENIED
+                          and f"{method.name} needs scope {need!r}" in details)
+                if not ok:
+                    wrong.append((method.name, token, code, details))
+    assert not wrong, wrong
+    other_client_is_served(address, token="t-all")
+
+
+@pytest.mark.hostile("auth, tokens, TLS")
 def test_unauthenticated_client_sends_huge_requests(spawn_server: Any, tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("reader read\n")
@@ -662,6 +1138,7 @@ def _varint_bytes(value: int) -> bytes:
             return bytes(out)
 
 
+@pytest.mark.hostile("auth, tokens, TLS")
 def test_metrics_stay_on_localhost_when_grpc_listens_on_all_interfaces(
         make_server: Callable[..., GradServer], caplog: pytest.LogCaptureFixture) -> None:
     import urllib.request
@@ -690,6 +1167,7 @@ def test_no_warnings_on_loopback_with_a_state_dir(make_server: Callable[..., Gra
 # ------------------------------------------------------------------------------------ drain
 
 
+@pytest.mark.hostile("streams, connections, floods")
 def test_drain_ends_streams_then_checkpoints_within_the_grace(
         make_server: Callable[..., GradServer], tmp_path: Path) -> None:
     grace = 6.0

@@ -12,6 +12,7 @@ see (freed blocks glibc keeps in its per-thread arenas, torch's and gRPC's own b
 
 from __future__ import annotations
 
+import contextlib
 import re
 import resource
 import urllib.request
@@ -112,6 +113,7 @@ def _refused(err: Any) -> str:
 # ---------------------------------------------------------------------- outputs and intermediates
 
 
+@pytest.mark.hostile("memory")
 def test_client_multiplies_a_column_by_a_row_into_ten_gigabytes(shared: Guarded) -> None:
     """x*y with [50000,1] and [1,50000]: a 400 KB request whose output takes 10 GB."""
     server = shared
@@ -127,6 +129,7 @@ def test_client_multiplies_a_column_by_a_row_into_ten_gigabytes(shared: Guarded)
     _others_still_served(server)
 
 
+@pytest.mark.hostile("memory")
 def test_client_matmuls_an_outer_product_of_forty_thousand(shared: Guarded) -> None:
     server = shared
     with server.client() as client:
@@ -139,6 +142,7 @@ def test_client_matmuls_an_outer_product_of_forty_thousand(shared: Guarded) -> N
     _others_still_served(server)
 
 
+@pytest.mark.hostile("memory")
 def test_client_asks_conv_transpose_with_a_huge_stride(shared: Guarded) -> None:
     server = shared
     with server.client() as client:
@@ -154,6 +158,7 @@ def test_client_asks_conv_transpose_with_a_huge_stride(shared: Guarded) -> None:
     _others_still_served(server)
 
 
+@pytest.mark.hostile("memory")
 def test_client_widens_a_hidden_layer_in_backward_and_train(shared: Guarded) -> None:
     """A small model whose hidden activations for one batch exceed the budget: refused before
     the first step in Backward, Train and TrainStream (the model's step stays 0)."""
@@ -179,6 +184,7 @@ def test_client_widens_a_hidden_layer_in_backward_and_train(shared: Guarded) -> 
     _others_still_served(server)
 
 
+@pytest.mark.hostile("memory")
 def test_client_exceeds_max_compute_mb_with_one_call(guarded: Any) -> None:
     """--max-compute-mb caps one call even when the budget has room."""
     server = guarded("--max-compute-mb", "16")
@@ -194,6 +200,7 @@ def test_client_exceeds_max_compute_mb_with_one_call(guarded: Any) -> None:
 # ---------------------------------------------------------------------- retained graphs
 
 
+@pytest.mark.hostile("memory")
 def test_client_retains_graphs_whose_saved_activations_exceed_max_graph_mb(
         guarded: Any) -> None:
     """Inputs and outputs of 400 bytes, but autograd saves a [100, 4096] activation per graph:
@@ -216,6 +223,7 @@ def test_client_retains_graphs_whose_saved_activations_exceed_max_graph_mb(
     _others_still_served(server)
 
 
+@pytest.mark.hostile("memory")
 def test_client_retains_graphs_on_many_models_until_the_budget_is_full(guarded: Any) -> None:
     """Each model's graphs fit its --max-graph-mb; together they hit the server's budget, and
     the next one is refused while the graphs already held stay usable."""
@@ -241,6 +249,7 @@ def test_client_retains_graphs_on_many_models_until_the_budget_is_full(guarded: 
 # ---------------------------------------------------------------------- models and datasets
 
 
+@pytest.mark.hostile("memory")
 def test_client_creates_a_fifth_large_model(guarded: Any) -> None:
     """Each model is under --max-parameters; together they would not fit: the fifth is refused
     naming the budget, what it needs and what is held."""
@@ -264,6 +273,7 @@ def test_client_creates_a_fifth_large_model(guarded: Any) -> None:
     _others_still_served(server)
 
 
+@pytest.mark.hostile("memory")
 def test_client_uploads_datasets_beyond_the_memory_budget(guarded: Any) -> None:
     server = guarded(budget_mb=64)
     with server.client() as client:
@@ -319,6 +329,7 @@ def test_budget_reservations_are_all_or_nothing_and_given_back() -> None:
     assert budget.free == MIB
 
 
+@pytest.mark.hostile("memory")
 def test_client_fails_calls_in_every_way_and_the_budget_gets_it_all_back(
         make_server: Any) -> None:
     """Refused, failing and cancelled calls give back every reservation: after them the budget
@@ -353,3 +364,229 @@ def test_client_fails_calls_in_every_way_and_the_budget_gets_it_all_back(
         assert held.pop("id_cache") == server.core.models.get(m.id).requests.nbytes > 0
         own.pop("id_cache")
         assert held == own
+
+
+# ---------------------------------------------------------------------- memory the budget did not see
+
+
+def _stub(address: str) -> Any:
+    """A plain generated stub: the attacks below send what the SDK never would."""
+    import grpc
+    from gradserve._proto.gradserve.v1 import gradserve_pb2_grpc as pbg
+
+    return pbg.GradientServiceStub(grpc.insecure_channel(address, options=[
+        ("grpc.max_send_message_length", 256 * MIB)]))
+
+
+@pytest.mark.hostile("memory", inputs=41)
+def test_client_sends_megabyte_request_ids(shared: Guarded) -> None:
+    """Each remembered id was charged 256 bytes whatever its length: 100 ZeroGrad calls with
+    4 MiB ids held 400 MiB outside the budget (and a checkpoint header too large to read back).
+    Ids are bounded; the caller is told which field and the limit."""
+    import grpc
+    from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
+
+    server = shared
+    stub = _stub(server.address)
+    with server.client() as client:
+        m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+        for i in range(40):
+            request = pb.ZeroGradRequest(model_id=m.id, request_id=f"{i}-" + "x" * (4 * MIB))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ZeroGrad(request, timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "request_id" in err.value.details() and "128" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Step(pb.StepRequest(model_id=m.id, request_id="line\nbreak"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # An id of the documented kind still works, exactly once.
+        step = pb.StepRequest(model_id=m.id, request_id="3f1c2a9e-retry-safe")
+        assert stub.Step(step).step == stub.Step(step).step == 1
+    _others_still_served(server)
+
+
+@pytest.mark.hostile("memory", inputs=3)
+def test_client_sends_millions_of_empty_tensors(shared: Guarded) -> None:
+    """A 14 MB Forward with two million empty inputs took 1 GB and 25 s of one thread to decode
+    before the input count was checked; the count is checked first now."""
+    import grpc
+    from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
+
+    server = shared
+    stub = _stub(server.address)
+    empty = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[0])
+    with server.client() as client:
+        m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+        attacks = [
+            lambda: stub.Forward(pb.ForwardRequest(model_id=m.id, inputs=[empty] * 2_000_000),
+                                 timeout=60),
+            lambda: stub.Backward(pb.BackwardRequest(model_id=m.id, forward_id="x",
+                                                     grad_outputs=[empty] * 2_000_000),
+                                  timeout=60),
+            lambda: stub.SetParameters(pb.SetParametersRequest(
+                model_id=m.id, parameters={f"p{i}": empty for i in range(200_000)}), timeout=60),
+        ]
+        for attack in attacks:
+            with pytest.raises(grpc.RpcError) as err:
+                attack()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "tensors; at most" in err.value.details(), err.value.details()
+    _others_still_served(server)
+
+
+@pytest.mark.hostile("memory")
+def test_client_declares_a_dataset_of_a_million_empty_tensors(shared: Guarded) -> None:
+    """A 1.8 MB UploadDataset header of 300,000 empty tensors held a control thread for seconds
+    (ListModels waited behind two of them) and kept 350 MB per stored dataset, charged 0 bytes."""
+    import grpc
+    from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
+
+    server = shared
+    stub = _stub(server.address)
+    header = pb.DatasetHeader(dataset_id="wide", inputs=[
+        pb.TensorHeader(dtype=pb.DTYPE_FLOAT32, shape=[0, 1])] * 300_000)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UploadDataset(iter([pb.UploadDatasetRequest(header=header)]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "header.inputs: 300000 tensors; at most" in err.value.details()
+    with server.client() as client:
+        assert client.list_datasets() == []
+    _others_still_served(server)
+
+
+@pytest.mark.hostile("memory", inputs=2)
+def test_client_declares_an_expression_with_a_million_parameters(shared: Guarded) -> None:
+    """300,000 scalar parameters (3.6 MB): 17 s to build, 460 MB of Parameter objects charged
+    1.2 MB, and 6 s per GetModel on a control thread."""
+    import grpc
+    from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
+
+    server = shared
+    stub = _stub(server.address)
+    scalar = pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[], data=b"\0\0\0\0")
+    many = {f"w{i}": scalar for i in range(300_000)}
+    for source in (pb.ExpressionSource(expression="w0", parameters=many),
+                   pb.ExpressionSource(expression="x0", inputs=[f"x{i}" for i in range(300_000)],
+                                       parameters={"w": scalar})):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateModel(pb.CreateModelRequest(spec=pb.ModelSpec(expression=source)),
+                             timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most" in err.value.details(), err.value.details()
+    _others_still_served(server)
+
+
+@pytest.mark.hostile("memory", inputs=3)
+def test_client_stacks_a_hundred_thousand_layers(shared: Guarded) -> None:
+    """100,000 Identity layers (1.4 MB) took 7 s and 250 MB the budget never saw; an mlp plugin
+    with 100,000 hidden sizes did not finish in 30 s (5000 build 10,000 modules); a layer
+    with 100,000 keyword arguments took 5 s to read before the first was refused."""
+    server = shared
+    with server.client() as client:
+        before = [m.id for m in client.list_models()]
+        with pytest.raises(InvalidArgumentError, match=r"spec.layers: 100000 layers; at most"):
+            client.create_model(layers=[{"type": "Identity"}] * 100_000)
+        with pytest.raises(InvalidArgumentError, match=r"hidden: a list of 5000 items"):
+            client.create_model(plugin="mlp", plugin_kwargs={
+                "in_features": 4, "hidden": [4] * 5000, "out_features": 2})
+        with pytest.raises(InvalidArgumentError, match=r"kwargs: .* bytes; at most"):
+            client.create_model(layers=[{"type": "Linear", "in_features": 1, "out_features": 1,
+                                         **{f"k{i}": i for i in range(100_000)}}])
+        assert [m.id for m in client.list_models()] == before
+    _others_still_served(server)
+
+
+@pytest.mark.hostile("memory")
+def test_client_trains_batches_of_one_on_millions_of_samples(shared: Guarded) -> None:
+    """Train built the list of every batch of an epoch before its first step: batch_size 1 over
+    4 million one-byte samples (a 4 MB request) held 2.5 GB the budget never saw."""
+    server = shared
+    x = torch.zeros(4_000_000, dtype=torch.uint8)
+    with server.client() as client:
+        m = client.create_model(expression="sum(x * w)", inputs=["x"], parameters={"w": 1.0})
+        run = m.train(x, batch_size=1, shuffle=True, log_every_steps=100, epochs=1)
+        first = next(iter(run))
+        assert first.kind == "progress" and first.run_step == 100
+        run.cancel()
+        m.wait_idle()
+        server.assert_rss_bounded()
+    _others_still_served(server)
+
+
+# ---------------------------------------------------------------------- charges that were never given back
+
+
+@pytest.mark.hostile("races on one id", inputs=60)
+def test_clients_race_create_and_load_on_one_id(make_server: Any, tmp_path: Path) -> None:
+    """CreateModel and LoadCheckpoint of the same id at once: the loaded model was overwritten
+    without being closed, and its parameters stayed charged to the budget for good (a budget
+    that leaks this way ends up refusing every model)."""
+    import threading
+
+    from gradserve import AlreadyExistsError
+
+    server = make_server(state_dir=str(tmp_path), max_memory_mb=256)
+    budget = server.core.budget
+    layers = [{"type": "Linear", "in_features": 64, "out_features": 64}]
+    with Client(f"127.0.0.1:{server.port}", timeout=30, retries=0) as client:
+        client.create_model(layers=layers, seed=0, model_id="src").save_checkpoint("snap")
+        client.delete_model("src")
+        assert budget.used == 0
+        for _ in range(60):
+            gate = threading.Barrier(2)
+
+            def create(gate: threading.Barrier = gate) -> None:
+                gate.wait()
+                with contextlib.suppress(AlreadyExistsError):
+                    client.create_model(layers=layers, seed=0, model_id="x")
+
+            def load(gate: threading.Barrier = gate) -> None:
+                gate.wait()
+                with contextlib.suppress(AlreadyExistsError):
+                    client.load_checkpoint("snap", model_id="x")
+
+            threads = [threading.Thread(target=create), threading.Thread(target=load)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            client.delete_model("x")
+            assert budget.used == 0, budget.describe()
+
+
+@pytest.mark.hostile("races on one id", inputs=3)
+def test_calls_queued_on_a_model_being_deleted_leave_no_charge(make_server: Any) -> None:
+    """A Forward(retain_graph) or a Backward with a request id that waited for the model's lock
+    while DeleteModel ran got it after the model was closed: the graph or the kept reply was
+    charged to a model nobody would close again. The core is driven in that order here (the
+    lock's hand-over order is up to the scheduler over the wire); such a call now answers
+    NOT_FOUND and the budget holds nothing."""
+    from gradserve_server.core.errors import NotFound
+
+    server = make_server(max_memory_mb=256)
+    budget = server.core.budget
+    with Client(f"127.0.0.1:{server.port}", timeout=30, retries=0) as client:
+        m = client.create_model(layers=[{"type": "Linear", "in_features": 4, "out_features": 4}],
+                                loss="mse", seed=0, model_id="gone")
+        model = server.core.models.get(m.id)  # what a call queued on the lock holds
+        client.delete_model(m.id)
+        assert budget.used == 0
+        x = torch.ones(8, 4)
+        with pytest.raises(NotFound, match="deleted"):
+            model.forward([x], retain_graph=True, eval_mode=False)
+        with pytest.raises(NotFound, match="deleted"):
+            model.backward(inputs=[x], target=x, forward_id="", grad_output=None,
+                           return_grads=True, return_input_grads=False, step=False,
+                           return_output=False, request_id="r-1")
+        with pytest.raises(NotFound, match="deleted"):
+            model.zero_grad(request_id="r-2")
+        assert budget.used == 0, budget.describe()
+        assert client.list_models() == []
+    _others_still_served_in_process(server)
+
+
+def _others_still_served_in_process(server: Any) -> None:
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as other:
+        m = other.create_model(layers=LINEAR, loss="mse", seed=0)
+        assert m.backward(torch.ones(3, 2), torch.zeros(3, 1), step=True).step == 1
+        m.delete()

@@ -98,6 +98,7 @@ def _refused(call: Any, *needles: str) -> str:
         "sgd-bool-decay", "sgd-huge-lr", "conv-stride-zero", "huber-negative-delta",
         "label-smoothing-two", "linear-true-features", "linear-fraction-features",
         "linear-int-bias", "hardtanh-huge", "conv-unknown-padding-mode"])
+@pytest.mark.hostile("specs, options, ids")
 def test_client_sends_nonsensical_constructor_arguments(make_server: Any, spec: dict[str, Any],
                                                         needles: list[str]) -> None:
     server = make_server()
@@ -108,6 +109,7 @@ def test_client_sends_nonsensical_constructor_arguments(make_server: Any, spec: 
 
 
 @pytest.mark.parametrize("name", ["training", "expr", "input_names", "forward", "T_destination"])
+@pytest.mark.hostile("specs, options, ids")
 def test_client_names_expression_parameters_after_module_attributes(make_server: Any,
                                                                      name: str) -> None:
     server = make_server()
@@ -120,6 +122,7 @@ def test_client_names_expression_parameters_after_module_attributes(make_server:
     _others_still_served(server)
 
 
+@pytest.mark.hostile("specs, options, ids")
 def test_client_uses_ids_with_a_trailing_newline(make_server: Any) -> None:
     server = make_server()
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
@@ -128,6 +131,61 @@ def test_client_uses_ids_with_a_trailing_newline(make_server: Any) -> None:
         _refused(lambda: client.upload_dataset(torch.ones(2, 1), dataset_id="data\n"),
                  "header.dataset_id: 'data\\n' is not a valid id")
         assert client.list_models() == [] and client.list_datasets() == []
+    _others_still_served(server)
+
+
+@pytest.mark.hostile("specs, options, ids")
+def test_client_asks_for_sparse_embedding_gradients(make_server: Any) -> None:
+    """Embedding(sparse=True) built and ran, then every Backward that returned gradients, every
+    Adam step, GetParameters(grads) and checkpoints failed with INTERNAL: sparse gradients have
+    no wire form, no checkpoint form and most optimizers refuse them. Refused at creation, for
+    layer specs and for exported programs alike."""
+    from torch import nn
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e = nn.Embedding(10, 3, sparse=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.e(x).sum(1)
+
+    server = make_server()
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        _refused(lambda: client.create_model(
+            layers=[{"type": "Embedding", "num_embeddings": 10, "embedding_dim": 3,
+                     "sparse": True}], loss="mse"),
+            "spec.layers[0] (Embedding).sparse", "sparse gradients")
+        _refused(lambda: client.create_model(module=Bag(), example_inputs=torch.tensor(
+            [[1, 2], [3, 4]]), loss="mse"), "sparse gradients")
+        assert client.list_models() == []
+        dense = client.create_model(layers=[{"type": "Embedding", "num_embeddings": 10,
+                                             "embedding_dim": 3, "sparse": False}],
+                                    loss="mse", optimizer={"type": "adam"}, seed=0)
+        r = dense.backward(torch.tensor([[1, 2]]), torch.zeros(1, 2, 3), return_grads=True,
+                           step=True)
+        assert r.grads["0.weight"].shape == (10, 3)
+    _others_still_served(server)
+
+
+@pytest.mark.hostile("specs, options, ids")
+def test_client_trains_an_objective_for_two_to_the_63_steps(make_server: Any) -> None:
+    """max_steps of 2**63 and more: Python's len() of the step range overflowed after the first
+    step, and the run ended with INTERNAL. The run now goes on until it is cancelled."""
+    server = make_server()
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
+        e = client.create_model(expression="(w - 3)**2", parameters={"w": 0.0},
+                                optimizer={"type": "sgd", "lr": 0.1})
+        for max_steps in (2**63, 2**64 - 1):
+            stream = client._stub.Train(pb.TrainRequest(model_id=e.id, options=pb.TrainOptions(
+                max_steps=max_steps, log_every_steps=2)), timeout=30)
+            first = next(iter(stream))
+            assert first.kind == pb.EVENT_KIND_PROGRESS and first.run_step == 2
+            stream.cancel()
+            e.wait_idle()
+        # A bounded run with an event at every step still ends by itself.
+        done = list(e.train(max_steps=7, log_every_steps=1))[-1]
+        assert done.summary.stop_reason == "max_steps" and done.summary.steps == 7
     _others_still_served(server)
 
 
@@ -171,6 +229,7 @@ BAD_UPLOADS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+@pytest.mark.hostile("specs, options, ids")
 def test_client_uploads_a_header_or_chunks_the_server_cannot_hold(
         make_server: Any, caplog: Any, case: str) -> None:
     header, chunks, needle = BAD_UPLOADS[case]
@@ -185,6 +244,7 @@ def test_client_uploads_a_header_or_chunks_the_server_cannot_hold(
     _others_still_served(server)
 
 
+@pytest.mark.hostile("specs, options, ids")
 def test_client_sends_a_second_header_after_chunks(make_server: Any) -> None:
     server = make_server()
     with Client(f"127.0.0.1:{server.port}", timeout=30) as client:
@@ -202,6 +262,14 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
+def _numeric_flags() -> int:
+    """The out-of-range values the test below sends: below and above each bound, as a flag and
+    as an environment variable."""
+    bounds = [("max" in f.metadata) + 1 for f in fields(Settings)
+              if str(f.type) in ("int", "float")]
+    return 2 * sum(bounds)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--max-models", "-1"], "--max-models (or GRADSERVE_MAX_MODELS) -1: expected an integer >= 1"),
     (["--grace-seconds", "-5"],
@@ -211,6 +279,7 @@ def _flag(name: str) -> str:
     (["--max-message-mb", "2048"], "expected an integer in [1, 2047]"),
     (["--max-memory-mb", "-1"], "--max-memory-mb (or GRADSERVE_MAX_MEMORY_MB) -1"),
 ])
+@pytest.mark.hostile("flags (operator)")
 def test_operator_starts_the_server_with_an_out_of_range_flag(capsys: Any, argv: list[str],
                                                               needle: str) -> None:
     with pytest.raises(SystemExit) as exit_:
@@ -219,6 +288,7 @@ def test_operator_starts_the_server_with_an_out_of_range_flag(capsys: Any, argv:
     assert needle in capsys.readouterr().err
 
 
+@pytest.mark.hostile("flags (operator)", inputs=_numeric_flags())
 def test_every_numeric_flag_states_and_checks_its_range(capsys: Any) -> None:
     """Table-driven: every int/float field declares a range in its metadata, and a value just
     outside it is refused, from the flag and from the environment alike."""
@@ -249,6 +319,7 @@ def test_help_lists_every_flag_whatever_its_text() -> None:
 # ---------------------------------------------------------------------- token files
 
 
+@pytest.mark.hostile("auth, tokens, TLS")
 def test_operator_glues_a_hash_into_a_token(make_server: Any, tmp_path: Path) -> None:
     """`s3cr#et-readonly read` is the token s3cr#et-readonly with scope read, not the token
     s3cr with every scope; `# ...` after whitespace is a comment."""
@@ -277,6 +348,7 @@ def test_operator_glues_a_hash_into_a_token(make_server: Any, tmp_path: Path) ->
     ("tök read", "printable ASCII"),
     ("reader read\nreader train", "already listed on line 2"),
 ])
+@pytest.mark.hostile("auth, tokens, TLS")
 def test_operator_writes_an_ambiguous_token_line(tmp_path: Path, line: str, needle: str) -> None:
     path = tmp_path / "tokens"
     path.write_text(f"# first line\n{line}\n", encoding="utf-8")
@@ -334,13 +406,32 @@ def _backward_twice(model: Model, target: torch.Tensor) -> None:
                        step=True, return_output=False)
 
 
+def _layer_args(cls: type) -> list[str]:
+    return [k for k, p in inspect.signature(cls.__init__).parameters.items()  # type: ignore[misc]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and k not in ("self", "device", "dtype", "inplace") and not k.startswith("_")]
+
+
+def _training_cases() -> list[tuple[str, str, str]]:
+    cases = [("loss", n, a) for n, e in LOSSES.items() for a in sorted(e.allowed)]
+    cases += [("optimizer", n, a) for n, (_, allowed) in OPTIMIZERS.items()
+              for a in sorted(allowed)]
+    cases += [("plugin", "mlp", a) for a in ("in_features", "hidden", "out_features",
+                                             "activation")]
+    return cases
+
+
+def _sweep_size() -> int:
+    """Specs the sweep below builds (each layer also runs on every input that fits)."""
+    args = sum(len(_layer_args(cls)) for cls in LAYERS.values())
+    args += len(_training_cases()) + sum(len(names) for _, names in SCHEDULES.values())
+    return args * len(HOSTILE)
+
+
 def _sweep_layers() -> list[str]:
     found = []
     for name, cls in sorted(LAYERS.items()):
-        params = [k for k, p in inspect.signature(cls.__init__).parameters.items()
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                  and k not in ("self", "device", "dtype", "inplace") and not k.startswith("_")]
-        for arg in params:
+        for arg in _layer_args(cls):
             for value in HOSTILE:
                 label = f"{name}.{arg}={value!r}"
                 spec = ModelSpec(source="layers", layers=[
@@ -356,12 +447,7 @@ def _sweep_layers() -> list[str]:
 
 def _sweep_training() -> list[str]:
     found = []
-    cases = [("loss", n, a) for n, e in LOSSES.items() for a in sorted(e.allowed)]
-    cases += [("optimizer", n, a) for n, (_, allowed) in OPTIMIZERS.items()
-              for a in sorted(allowed)]
-    cases += [("plugin", "mlp", a) for a in ("in_features", "hidden", "out_features",
-                                             "activation")]
-    for kind, name, arg in cases:
+    for kind, name, arg in _training_cases():
         for value in HOSTILE:
             spec = ModelSpec(source="layers", loss="mse",
                              layers=[{"type": "Linear",
@@ -404,6 +490,7 @@ def _sweep_schedules() -> list[str]:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.hostile("specs, options, ids", inputs=_sweep_size())
 def test_catalog_sweep_finds_no_internal_error() -> None:
     """Every layer argument, loss, optimizer and schedule option and mlp plugin argument, with
     hostile values, built and run at the core: each outcome is success or a GradServeFault."""

@@ -59,6 +59,7 @@ def test_ids_are_scoped_by_method(client: Client) -> None:
     assert stub.Step(pb.StepRequest(model_id=m.id, request_id="shared")).step == 1
 
 
+@pytest.mark.hostile("specs, options, ids")
 def test_client_reuses_an_id_with_another_payload(client: Client) -> None:
     m = client.create_model(layers=LINEAR, loss="mse", optimizer={"type": "sgd", "lr": 0.1},
                             seed=0)
@@ -165,6 +166,7 @@ def test_fingerprint_sees_dtype_shape_and_bytes() -> None:
     assert fingerprint(True) != fingerprint(1) != fingerprint("1")
 
 
+@pytest.mark.hostile("specs, options, ids")
 def test_ids_with_a_trailing_newline_are_refused() -> None:
     with pytest.raises(InvalidArgument):
         check_id("model\n", "model_id")

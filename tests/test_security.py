@@ -26,6 +26,7 @@ def _tokens(tmp_path: Path) -> str:
     return str(path)
 
 
+@pytest.mark.hostile("auth, tokens, TLS")
 def test_tokens_and_scopes(make_server: Any, tmp_path: Path) -> None:
     server = make_server(auth_token_file=_tokens(tmp_path))
     address = f"127.0.0.1:{server.port}"
@@ -111,6 +112,7 @@ def test_tls(make_server: Any, tmp_path: Path) -> None:
             plaintext.list_models()
 
 
+@pytest.mark.hostile("auth, tokens, TLS")
 def test_mutual_tls(make_server: Any, tmp_path: Path) -> None:
     pki = _make_ca(tmp_path)
     server = make_server(tls_cert=str(pki["server.crt"]), tls_key=str(pki["server.key"]),

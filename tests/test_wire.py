@@ -281,6 +281,7 @@ def assert_agree(cls: Any, data: bytes) -> None:
 @example(case=Case(pb.BackwardResponse, string_field(2, string_field(1, b"\xff") + string_field(
     2, string_field(3, NOISE[:BIG])))))
 @example(case=Case(pb.ForwardResponse, b"\x0a" + varint(BIG + 2, 6) + string_field(3, NOISE[:BIG])))
+@pytest.mark.hostile("bytes that are not protobuf", inputs=EXAMPLES.max_examples)
 def test_split_agrees_with_protobuf(case: Case) -> None:
     assert_agree(case.cls, case.data)
 

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         ModelInfo,
         OptimizerState,
         ParameterInfo,
+        ServerInfo,
         StreamStep,
         TrainEvent,
         TrainSummary,
@@ -67,7 +68,8 @@ _WHERE = {
     "RemoteModel": "model",
     **dict.fromkeys((
         "BackwardResult", "CheckpointInfo", "DatasetInfo", "ForwardResult", "ModelInfo",
-        "OptimizerState", "ParameterInfo", "StreamStep", "TrainEvent", "TrainSummary"),
+        "OptimizerState", "ParameterInfo", "ServerInfo", "StreamStep", "TrainEvent",
+        "TrainSummary"),
         "results"),
     "tune_malloc": "tuning",
 }
@@ -93,7 +95,7 @@ __all__ = [
     "CancelledError", "CheckpointInfo", "Client", "DatasetInfo", "DeadlineExceededError",
     "FailedPreconditionError", "ForwardResult", "GradServeError", "History", "InternalError",
     "InvalidArgumentError", "ModelInfo", "NotFoundError", "OptimizerState", "ParameterInfo",
-    "PermissionDeniedError", "RemoteModel", "ResourceExhaustedError", "StreamStep",
+    "PermissionDeniedError", "RemoteModel", "ResourceExhaustedError", "ServerInfo", "StreamStep",
     "TensorArgumentError", "TrainEvent", "TrainRun", "TrainSummary", "UnauthenticatedError",
     "UnavailableError", "tune_malloc",
 ]

@@ -218,6 +218,7 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
     list_checkpoints = awaiting(ClientCalls[AsyncRemoteModel]._list_checkpoints)
     delete_checkpoint = awaiting(ClientCalls[AsyncRemoteModel]._delete_checkpoint)
     health = awaiting(ClientCalls[AsyncRemoteModel]._health)
+    server_info = awaiting(ClientCalls[AsyncRemoteModel]._server_info)
 
     async def health_by_server(self, service: str = "", timeout: float | None = None
                           ) -> dict[str, str]:

@@ -172,6 +172,7 @@ class Client(ClientCalls[RemoteModel]):
     list_checkpoints = blocking(ClientCalls[RemoteModel]._list_checkpoints)
     delete_checkpoint = blocking(ClientCalls[RemoteModel]._delete_checkpoint)
     health = blocking(ClientCalls[RemoteModel]._health)
+    server_info = blocking(ClientCalls[RemoteModel]._server_info)
 
     def health_by_server(self, service: str = "", timeout: float | None = None
                          ) -> dict[str, str]:

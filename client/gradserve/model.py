@@ -27,11 +27,13 @@ from .results import (
     ForwardResult,
     ModelInfo,
     OptimizerState,
+    ServerInfo,
     StreamStep,
     Tensor,
     checkpoint_info,
     dataset_info,
     model_info,
+    server_info,
     stream_step,
 )
 
@@ -298,6 +300,11 @@ class ClientCalls(Generic[M]):
         """Restore a model from a checkpoint (into model_id, default the saved id)."""
         return Op("LoadCheckpoint", pb.LoadCheckpointRequest(name=name, model_id=model_id),
                   model_info).then(self._remote)
+
+    def _server_info(self) -> Op[ServerInfo]:
+        """The server's versions, world size, backend and devices (with several servers: the
+        first one's, in sorted order; every server is asked and must answer)."""
+        return Op("GetServerInfo", pb.GetServerInfoRequest(), server_info)
 
     def _list_checkpoints(self) -> Op[list[CheckpointInfo]]:
         """Every checkpoint on the server."""

@@ -68,6 +68,24 @@ def model_info(msg: pb.ModelInfo) -> ModelInfo:
 
 
 @dataclass(frozen=True)
+class ServerInfo:
+    """What a server is: versions, and the devices it computes on (a torchrun group: one per
+    rank, in rank order; world_size > 1 splits every batch over them)."""
+
+    version: str
+    torch_version: str
+    world_size: int
+    backend: str  # "gloo" or "nccl" for a group; "" for one process
+    devices: tuple[str, ...]
+    hosts: tuple[str, ...]
+
+
+def server_info(msg: pb.GetServerInfoResponse) -> ServerInfo:
+    return ServerInfo(msg.version, msg.torch_version, msg.world_size, msg.backend,
+                      tuple(msg.devices), tuple(msg.hosts))
+
+
+@dataclass(frozen=True)
 class ForwardResult:
     output: Tensor
     forward_id: str

@@ -192,6 +192,7 @@ ROUTES: dict[str, Route] = {
     "RegisterSharedMemory": Route(OWN),
     "UnregisterSharedMemory": Route(OWN),
     "Check": Route(EVERY, merge=least_healthy),  # grpc.health.v1.Health
+    "GetServerInfo": Route(EVERY),  # every server must answer; the first one's reply
 }
 
 

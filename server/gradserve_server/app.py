@@ -4,26 +4,40 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import resource
+import threading
 import time
+from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from .core.errors import StartupError
+from .core.parallel import LOCAL, Parallel
 from .core.service import CheckpointResult, Core
 from .core.statedir import place_scratch
 from .metrics import Metrics
 from .settings import Settings
 from .tokens import load_tokens
-from .transport.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor
+from .transport.interceptors import (
+    AdmissionInterceptor,
+    AuthInterceptor,
+    ErrorInterceptor,
+    ObservabilityInterceptor,
+)
 from .transport.lanes import Lanes
 from .transport.memory import Trimmer
 from .transport.rpc import GradientService
 from .transport.server import AioServer
 from .transport.shm import SharedMemoryRegistry
 from .transport.streams import StreamWatch
+
+if TYPE_CHECKING:
+    from .dist.driver import Driver
+    from .dist.group import Group
 
 log = logging.getLogger("gradserve")
 SERVICE = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
@@ -33,6 +47,25 @@ RPC_GRACE_SHARE = 0.5
 RPC_GRACE_CAP_S = 10.0
 KEEPALIVE_S = 60  # the server pings quiet connections this often; a peer that does not answer
 KEEPALIVE_TIMEOUT_S = 20  # within this is gone, and its calls are cancelled
+# A connection that has not finished its HTTP/2 (and TLS) handshake by then is closed (gRPC's
+# default, 120 s, let silent TCP connections hold descriptors for two minutes each).
+HANDSHAKE_TIMEOUT_S = 20
+# Descriptors kept for the server's own files (checkpoints, /metrics, shared-memory lookups,
+# torch) when --max-connections is 0: an eighth of the limit, at least this many.
+FD_RESERVE = 64
+# Room above --max-concurrent-rpcs in gRPC's own limit: health Checks, which AdmissionInterceptor
+# never refuses, and calls it refuses (they end at once).
+CHECK_HEADROOM = 1000
+
+
+def connection_cap(configured: int) -> int | None:
+    """--max-connections, or the descriptor limit less what the server keeps for its files."""
+    if configured:
+        return configured
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1, soft - max(FD_RESERVE, soft // 8))
 
 
 def rpc_grace(grace: float) -> float:
@@ -70,31 +103,72 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class GradServer:
-    """A built server: gRPC, health, metrics endpoint and the core, started and stopped together."""
+def _version() -> str:
+    try:
+        return metadata.version("gradserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
-    def __init__(self, settings: Settings) -> None:
+
+class GradServer:
+    """A built server: gRPC, health, metrics endpoint and the core, started and stopped together.
+
+    group: rank 0 of a torchrun group (dist/): every model lives on every rank and its work is
+    split over them (docs/scaling.md). None: one process.
+    """
+
+    def __init__(self, settings: Settings, group: Group | None = None) -> None:
         self.settings = settings
-        self.device = resolve_device(settings.device)
+        self.device = group.device if group is not None else resolve_device(settings.device)
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.metrics = Metrics(settings.buckets, settings.max_models, device=self.device)
+        self.driver: Driver | None = None
+        # Set when the group lost a rank: the CLI drains and exits 1, torchrun restarts it.
+        self.group_lost = threading.Event()
+        parallel: Parallel = LOCAL
+        if group is not None:
+            from .dist.driver import Driver  # torch.distributed: only for a group
+
+            self.driver = Driver(group, self.metrics, bool(settings.dist_verify))
+            self.driver.on_broken = self._on_group_lost
+            parallel = self.driver
+            self.metrics.world_size.set(group.world)
+        try:
+            self._build(settings, group, parallel)
+        except BaseException:
+            if self.driver is not None:
+                self.driver.stop(1)  # the other ranks exit too: the launch fails as one
+            raise
+
+    def _build(self, settings: Settings, group: Group | None, parallel: Parallel) -> None:
         place_scratch(settings.state_dir)  # StartupError: temp files would land in the state dir
         # StartupError when --state-dir cannot be created or written: exit now, not at SIGTERM.
         self.core = Core(self.device, settings.limits, self.metrics, settings.state_dir,
                          settings.autosave_steps, settings.autosave_seconds,
-                         bool(settings.persist_datasets))
+                         bool(settings.persist_datasets), parallel)
+        self.core.info.version = _version()
+        if group is not None:
+            self.core.info.backend = group.backend
+            self.core.info.devices = [r.device for r in group.ranks]
+            self.core.info.hosts = [r.host for r in group.ranks]
+        else:
+            import socket
+
+            self.core.info.hosts = [socket.gethostname()]
         self.shm = (SharedMemoryRegistry(settings.max_shm_mb * 1024 * 1024, settings.shm_ttl_s,
                                          settings.max_shm_regions,
                                          settings.max_shm_regions_per_connection)
                     if settings.max_shm_mb > 0 else None)
+        # A group's calls wait for their turn and for the other ranks: never on the event loop.
         self.lanes = Lanes(str(self.device), settings.threads, settings.max_train_runs,
-                           settings.inline_us)
+                           settings.inline_us if group is None else 0)
         self.watch = StreamWatch(settings.stream_idle_seconds)
         observability = ObservabilityInterceptor(self.metrics)
         self._observability = observability
         self.trimmer = Trimmer(self.lanes.control.submit)
-        interceptors: list[grpc.aio.ServerInterceptor] = [observability]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            observability, AdmissionInterceptor(settings.max_concurrent_rpcs)]
         if settings.auth_token_file:
             interceptors.append(AuthInterceptor(load_tokens(settings.auth_token_file)))
         interceptors.append(ErrorInterceptor())
@@ -116,13 +190,20 @@ class GradServer:
             # ping quiet connections: a vanished client's streams are cancelled, not kept
             ("grpc.keepalive_time_ms", KEEPALIVE_S * 1000),
             ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_S * 1000),
+            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_S * 1000),
         ]
+        self.max_connections = connection_cap(settings.max_connections)
+        if self.max_connections is not None:
+            # Connections past it wait in the kernel's accept queue: the descriptors they would
+            # take stay free for checkpoints, /metrics and the drain.
+            options.append(("grpc.max_allowed_incoming_connections", self.max_connections))
         service = GradientService(self.core, self.shm, self.lanes, self.watch)
         idle = settings.stream_idle_seconds
         self.transport = AioServer(
             options=options, interceptors=interceptors, observability=observability,
             lanes=self.lanes, watch=self.watch,
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs, add_services=service.add_to,
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs + CHECK_HEADROOM,
+            add_services=service.add_to,
             service_names=(SERVICE,), housekeeping=self._housekeeping,
             housekeeping_s=min(1.0, idle / 4) if idle > 0 else 1.0)
         address = f"{settings.host}:{settings.port}"
@@ -144,6 +225,15 @@ class GradServer:
     @property
     def health(self) -> HealthControl:
         return HealthControl(self.transport)
+
+    def _on_group_lost(self, reason: str) -> None:
+        """The group lost a rank: NOT_SERVING now; the CLI drains (models checkpoint) and exits
+        1, and torchrun restarts the group."""
+        self.group_lost.set()
+        try:
+            self.transport.not_serving()
+        except Exception:  # already stopping
+            log.debug("health not updated", exc_info=True)
 
     def _housekeeping(self) -> None:
         """Every second on the event loop: expire idle regions, give memory back when quiet."""
@@ -175,7 +265,8 @@ class GradServer:
             "metrics_host": self.metrics_host if self.metrics_port >= 0 else "",
             "device": str(self.device), "tls": bool(self.settings.tls_cert),
             "auth": bool(self.settings.auth_token_file),
-            "memory_budget": self.core.describe_budget()}})
+            "memory_budget": self.core.describe_budget(),
+            "max_connections": self.max_connections or "none"}})
         self._warn()
 
     def _warn(self) -> None:
@@ -205,6 +296,8 @@ class GradServer:
             self.transport.close()
         if self.shm is not None:
             self.shm.close()
+        if self.driver is not None:
+            self.driver.stop(0)  # after the last call's work; the checkpoints need no other rank
         result = self.core.checkpoint_all(deadline=deadline)
         if result.saved or result.failed:
             log.info("checkpointed %d model(s) to %s (%d already current, %d failed)",
@@ -220,6 +313,8 @@ class GradServer:
         self.transport.stop()
         if self.shm is not None:
             self.shm.close()
+        if self.driver is not None:
+            self.driver.stop(0)
         self.close_metrics()
 
     def close_metrics(self) -> None:
@@ -243,7 +338,7 @@ class HealthControl:
         self._transport.not_serving()
 
 
-def build_server(settings: Settings) -> tuple[GradServer, int]:
+def build_server(settings: Settings, group: Group | None = None) -> tuple[GradServer, int]:
     """Wire the server from settings; returns it unstarted with its bound gRPC port."""
-    server = GradServer(settings)
+    server = GradServer(settings, group)
     return server, server.port

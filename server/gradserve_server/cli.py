@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import logs
 from .core.errors import StartupError
@@ -36,6 +37,21 @@ def tune_malloc(settings: Settings) -> None:
         tuning.tune_malloc(arenas=1)
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: the default soft 1024 is a few hundred clients
+    (each connection is a descriptor; --max-connections is derived from this limit)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # e.g. a hard limit above the kernel's nr_open: keep the soft one
+
+
 def refuse(exc: Exception) -> int:
     """One line on stderr, exit status 1: the server cannot start as configured."""
     print(f"gradserve-server: {exc}", file=sys.stderr)
@@ -48,14 +64,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.log_level, settings.log_format)
     from .app import build_server  # imports torch: after quiet_openmp
     tune_malloc(settings)
+    raise_fd_limit()
+    group = None
     try:
-        server, _port = build_server(settings)
+        from .dist.launch import TorchrunEnv
+
+        env = TorchrunEnv.from_environ(os.environ, one=settings.dist_backend != "auto")
+        if env is not None:  # torchrun with WORLD_SIZE > 1 (or a backend named): a group
+            from .dist.launch import follow, start_group, tag_logs
+
+            tag_logs(env.rank)
+            group = start_group(settings, env)
+            if group.rank != 0:
+                leave(follow(group, settings))
+        server, _port = build_server(settings, group)
     except StartupError as exc:
-        return refuse(exc)
-    try:
-        server.start()
-    except StartupError as exc:
-        server.stop()
         return refuse(exc)
     stop = threading.Event()
 
@@ -63,13 +86,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("received %s; draining", signal.Signals(signum).name)
         stop.set()
 
+    # Before start: a SIGTERM right after "serving" (or while models restore) drains too.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(1.0):  # a timed wait lets the signal handler run promptly
+    try:
+        server.start()
+    except StartupError as exc:
+        if server.driver is not None:
+            server.driver.stop(1)  # the other ranks exit 1 too: the launch failed
+        server.stop()
+        if group is not None:
+            leave(refuse(exc))
+        return refuse(exc)
+    # A timed wait lets the signal handler run promptly; a group that lost a rank stops too.
+    while not stop.wait(1.0) and not server.group_lost.is_set():
         pass
     result = server.drain()
     log.info("stopped")
-    return 0 if result.ok else 1  # 1: some model was not checkpointed (each one is logged)
+    if server.group_lost.is_set():
+        leave(1)  # torchrun restarts the group (--max-restarts); the models were checkpointed
+    code = 0 if result.ok else 1  # 1: some model was not checkpointed (each one is logged)
+    if group is not None:
+        leave(code)
+    return code
+
+
+def leave(code: int) -> NoReturn:
+    """A group member exits now: with a rank gone, finalizers (process groups, executor threads
+    stuck in a collective) could hold the process for their timeouts, and torchrun waits."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

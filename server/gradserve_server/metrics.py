@@ -31,7 +31,7 @@ from .core.hooks import Hooks
 from .core.service import SAVE_TRIGGERS
 from .core.trainer import CANCELLED, COMPLETED, MAX_STEPS, NON_FINITE, SHUTDOWN, STOP_LOSS
 
-PHASES = ("forward", "backward", "optimizer_step", "train_step")
+PHASES = ("forward", "backward", "optimizer_step", "train_step", "communication")
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                10.0, 30.0, 60.0, 300.0)
 # How a Train run can end: the trainer's reasons, and "error" when the run failed or was refused.
@@ -147,7 +147,13 @@ class Metrics(Hooks):
         self.step_seconds = Histogram(
             "gradserve_step_duration_seconds",
             "Latency of model work by model and phase (forward, backward, optimizer_step, "
-            "train_step).", ["model", "phase"], buckets=tuple(step_buckets), registry=r)
+            "train_step; communication: a torchrun group's collectives for one call or step).",
+            ["model", "phase"], buckets=tuple(step_buckets), registry=r)
+        self.world_size = Gauge(
+            "gradserve_world_size",
+            "Processes this server computes with: 1, or the size of its torchrun group.",
+            registry=r)
+        self.world_size.set(1)
         self.loss_gauge = Gauge(
             "gradserve_loss",
             "Last loss per model: a Backward's loss, a training step's batch loss, an epoch's "

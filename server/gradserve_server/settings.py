@@ -105,8 +105,13 @@ class Settings:
         120.0, "a stream that waits this long for its client (no message in, or no reply read) "
         "ends with DEADLINE_EXCEEDED; 0: never", min=0)
     max_concurrent_rpcs: int = _opt(
-        10000, "open RPCs of every kind together; beyond it new calls get RESOURCE_EXHAUSTED",
+        10000, "open RPCs of every kind together (health Watch streams at most a tenth of "
+        "them); beyond it new calls get RESOURCE_EXHAUSTED; health Check always answers",
         min=1)
+    max_connections: int = _opt(
+        0, "client connections held at once; beyond it new ones wait in the kernel's queue "
+        "(0: the descriptor limit less an eighth, at least 64, kept for the server's own files)",
+        min=0)
     max_streams_per_connection: int = _opt(
         1000, "concurrent RPCs on one client connection (HTTP/2 max concurrent streams); "
         "the client queues the rest", min=1)
@@ -126,6 +131,18 @@ class Settings:
     grace_seconds: float = _opt(20.0, "on SIGTERM: time to stop loops and checkpoint", min=0)
     persist_datasets: int = _opt(0, "1: write uploaded datasets to --state-dir so that they "
                                  "survive restarts (0: memory only)", min=0, max=1)
+    # distributed (under torchrun with WORLD_SIZE > 1; docs/scaling.md)
+    dist_backend: str = _opt("auto", "torch.distributed backend of a torchrun group: auto (nccl "
+                             "on CUDA, else gloo), gloo or nccl; named, even torchrun with one process "
+                             "forms a group (to check the backend on one device)",
+                             choices=("auto", "gloo", "nccl"))
+    dist_timeout_seconds: float = _opt(
+        20.0, "longest wait of any collective for the other ranks (also the group's start); a "
+        "lost rank fails the calls in progress within about this long. Must exceed the "
+        "slowest forward+backward of one shard", above=0)
+    dist_verify: int = _opt(0, "1: after every call that changes a model, compare a hash of "
+                            "its parameters, buffers, gradients and optimizer state on every "
+                            "rank (slow; for tests and debugging)", min=0, max=1)
     # security
     auth_token_file: str = _opt("", "file of bearer tokens, one per line: 'token [scope,scope]'")
     tls_cert: str = _opt("", "PEM server certificate (enables TLS)")

@@ -131,6 +131,14 @@ PY_OPS: dict[str, Callable[..., Any]] = {
 }
 
 # Operators that update an argument in place without saying so in their schema.
+# Argument values of allowed operators that produce what the server cannot serve: operator ->
+# {argument: (refused value, why)}. Sparse gradients (as for layer specs, catalog/layers.py).
+REFUSED_ARGS: dict[str, dict[str, tuple[Any, str]]] = {
+    ATEN_PREFIX + "embedding.default": {"sparse": (True, (
+        "sparse gradients are not supported (they cannot be returned, checkpointed or stepped "
+        "by most optimizers); export the embedding with sparse=False"))},
+}
+
 HIDDEN_WRITES: dict[str, tuple[str, ...]] = {
     ATEN_PREFIX + "batch_norm.default": ("running_mean", "running_var"),
     ATEN_PREFIX + "instance_norm.default": ("running_mean", "running_var"),
@@ -707,6 +715,9 @@ class _GraphChecker:
                     if isinstance(v, int) and abs(v) > MAX_WINDOW:
                         raise _Bad(f"argument {name!r}={value!r} is out of range; window "
                                    f"arguments are at most {MAX_WINDOW}")
+        for name, (bad, why) in REFUSED_ARGS.get(target, {}).items():
+            if values.get(name) is bad:
+                raise _Bad(f"argument {name!r}={bad!r} is refused: {why}")
         fresh = True
         writes: set[str] = set()
         returns_alias: list[frozenset[str]] = []

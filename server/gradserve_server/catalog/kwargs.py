@@ -29,6 +29,9 @@ FORBIDDEN = frozenset({"device", "dtype", "inplace", "out", "params", "self"})
 # Larger numbers describe no hyper-parameter; torch overflows converting them (int64, float32).
 MAX_INT = 2**63 - 1
 MAX_FLOAT = 3.4028234663852886e38
+# Items in one list argument (sizes, paddings, an mlp's hidden widths): hyper-parameters, not
+# data. An mlp with 100,000 hidden widths built 200,000 modules before anything refused it.
+MAX_LIST = 256
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,8 @@ def _shown(value: Any) -> Any:
 
 
 def _check_value(key: str, value: Any, ann: Any, bound: Bound | None, what: str) -> None:
+    if isinstance(value, tuple) and len(value) > MAX_LIST:
+        raise InvalidArgument(f"{what}.{key}: a list of {len(value)} items; at most {MAX_LIST}")
     sent = _shown(value)
     if not fits(value, ann):
         raise InvalidArgument(f"{what}.{key}: expected {describe(ann)}, got {sent!r}")

@@ -49,6 +49,18 @@ BOUNDS: dict[str, Bound] = {
     "norm_type": Bound(above=0), "beta": Bound(above=0),
 }
 
+# Argument values that build a layer the rest of the server cannot serve: (layer, argument) ->
+# (refused value, why). Sparse gradients have no wire form and no checkpoint form, and Adam,
+# AdamW, RMSprop and gradient clipping refuse them.
+REFUSED: dict[tuple[str, str], tuple[Any, str]] = {
+    ("Embedding", "sparse"): (True, ("sparse gradients are not supported (they cannot be "
+                                     "returned, checkpointed or stepped by most optimizers); "
+                                     "use false")),
+}
+# Layers in one spec: each is a Python object the memory budget does not count (100,000
+# Identity layers took 250 MB and 7 s to build), and real nn.Sequential stacks are far shorter.
+MAX_LAYERS = 1024
+
 # Window geometry of convolution and pooling layers. Far larger values describe no real network
 # and make torch misbehave: max_pool1d scans the whole window even outside the input, and a
 # kernel_size near 2**31 never returns at all.
@@ -87,6 +99,8 @@ def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
     if not allowed. A later layer that takes several inputs is refused: nothing could feed it."""
     if not layers:
         raise InvalidArgument("spec.layers: at least one layer is required")
+    if len(layers) > MAX_LAYERS:
+        raise InvalidArgument(f"spec.layers: {len(layers)} layers; at most {MAX_LAYERS}")
     modules: list[nn.Module] = []
     for i, layer in enumerate(layers):
         kind = layer.get("type", "")
@@ -100,6 +114,10 @@ def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
                                   "layer's output)")
         kwargs = check_kwargs(cls.__init__, layer.get("kwargs", {}), what, bounds=BOUNDS)
         _check_window(kwargs, what)
+        for key, value in kwargs.items():
+            refused = REFUSED.get((kind, key))
+            if refused is not None and value is refused[0]:
+                raise InvalidArgument(f"{what}.{key}: {value!r} is refused: {refused[1]}")
         try:
             modules.append(cls(**kwargs))
         # Whatever a torch constructor raises on the arguments it was given: GroupNorm's

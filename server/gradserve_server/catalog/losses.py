@@ -133,6 +133,22 @@ class Loss:
             return total, float(counted.numel())
         return total, float(weight.double()[counted.to(weight.device)].sum())
 
+    def count(self, output: torch.Tensor, target: torch.Tensor | None) -> float:
+        """How many terms a mean reduction divides by (sum_and_count's count, without the
+        loss): targets that are not ignore_index for class indices (each its class weight when
+        weight is given), one per row for class probabilities, else elements. Data parallelism
+        weights each shard's mean by its share."""
+        if target is None or self.module is None:
+            return 1.0
+        if not self.elementwise and not target.is_floating_point():
+            counted = target[target != self.ignore_index].long()
+            weight = self.tensors.get("weight")
+            if weight is None:
+                return float(counted.numel())
+            return float(weight.double()[counted.to(weight.device)].sum())
+        if not self.elementwise and target.dim() > 1:  # class probabilities: one term per row
+            return float(target.numel() // target.shape[1])
+        return float(target.numel())
 
 def _tensor_argument(key: str, value: Any, what: str, dtype: torch.dtype,
                      device: torch.device) -> torch.Tensor:

@@ -237,6 +237,7 @@ class CheckpointStore:
         if not is_id(name):
             raise CheckpointUnusable(INVALID, f"{where}: the file name is not a valid checkpoint "
                                               "name")
+        _check_regular(path, where)
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("gradserve")
@@ -250,6 +251,7 @@ class CheckpointStore:
     def header(self, path: Path) -> dict[str, Any]:
         """Only the metadata (cheap: no tensor is read); CheckpointUnusable if bad."""
         where = f"checkpoint {path.name.removesuffix(SUFFIX)!r} ({path})"
+        _check_regular(path, where)
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("gradserve")
@@ -380,6 +382,13 @@ class CheckpointStore:
 
     def quarantine(self, path: Path, reason: str, detail: str) -> None:
         statedir.quarantine(self._need_dir(), path, reason, detail, self.hooks)
+
+
+def _check_regular(path: Path, where: str) -> None:
+    """CheckpointUnusable for anything but a regular file, before it is opened."""
+    why = statedir.not_regular(path)
+    if why is not None:
+        raise CheckpointUnusable(UNREADABLE, f"{where}: {why}")
 
 
 def _valid_rng(state: torch.Tensor, device: torch.device) -> bool:

@@ -22,6 +22,7 @@ from .budget import MemoryBudget
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .ids import check_id, is_id
+from .limits import MAX_TENSORS
 
 _ALIGN = 8  # each tensor starts on an 8-byte boundary so that dtype views are legal
 FORMAT = "gradserve-dataset-1"
@@ -124,6 +125,8 @@ class DatasetStore:
         layouts = [*inputs, *([target] if target is not None else [])]
         if not inputs:
             raise InvalidArgument("header.inputs: declare at least one input tensor")
+        if len(inputs) > MAX_TENSORS:
+            raise InvalidArgument(f"header.inputs: {len(inputs)} tensors; at most {MAX_TENSORS}")
         names = [f"header.inputs[{i}]" for i in range(len(inputs))] + ["header.target"]
         for name, layout in zip(names, layouts):
             if len(layout.shape) > MAX_DIMS or any(d < 0 for d in layout.shape) or math.prod(
@@ -244,6 +247,9 @@ class DatasetStore:
     def _read(self, path: Path) -> Dataset:
         where = f"dataset file {path}"
         name = path.name.removesuffix(SUFFIX)
+        why = statedir.not_regular(path)
+        if why is not None:
+            raise _BadDataset("unreadable", f"{where}: {why}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = (f.metadata() or {}).get("gradserve")

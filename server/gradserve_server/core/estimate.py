@@ -58,6 +58,10 @@ class SavedBytes:
         self.seen = set(exclude)
         self.nbytes = 0
 
+    def exclude(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Storages counted elsewhere (a retained graph's inputs) are not counted as saved."""
+        self.seen.update(storage_key(t) for t in tensors)
+
     def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         key = storage_key(t)
         if key not in self.seen:

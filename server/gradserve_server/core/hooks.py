@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 
 class Hooks:
-    """No-op observer. Phases: forward, backward, optimizer_step, train_step."""
+    """No-op observer. Phases: forward, backward, optimizer_step, train_step, communication."""
 
     def model_added(self, model_id: str) -> None: ...
     def model_removed(self, model_id: str) -> None: ...

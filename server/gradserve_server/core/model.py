@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -34,6 +33,17 @@ from .budget import MemoryBudget, Reservation, fmt_bytes
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .hooks import Hooks
 from .limits import Limits
+from .parallel import (
+    ASSIGN,
+    BACKWARD,
+    FORWARD,
+    FUSED,
+    LOCAL,
+    STEP,
+    ZERO_GRAD,
+    Parallel,
+    Work,
+)
 from .request_ids import RequestIdWindow, fingerprint
 from .spec import FLOAT_DTYPES, SOURCES, ModelSpec
 
@@ -86,6 +96,10 @@ class _Graph:
     nbytes: int
     created: float
     outputs: list[torch.Tensor] = field(default_factory=list)
+    # The whole batch's output shapes, and its rows per rank (a graph split over a group:
+    # each rank keeps its shard's graph under the same id).
+    shapes: list[torch.Size] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
 
 
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
@@ -232,6 +246,9 @@ def _build_module(spec: ModelSpec, dtype: torch.dtype, limits: Limits,
 
 class Model:
     """A model and its training state. Every public method takes the model's lock."""
+
+    # Where its work runs: this process, or every rank of a group (the store sets it).
+    parallel: Parallel = LOCAL
 
     def __init__(self, model_id: str, spec: ModelSpec, device: torch.device, limits: Limits,
                  hooks: Hooks, budget: MemoryBudget | None = None) -> None:
@@ -395,10 +412,18 @@ class Model:
 
     # ------------------------------------------------------------------ request plumbing
 
+    def check_alive(self) -> None:
+        """NotFound once the model was deleted or replaced (caller holds the lock): a call that
+        waited for the lock while DeleteModel closed the model must not charge it anything."""
+        if self.deleted.is_set():
+            raise NotFound(f"model_id: model {self.id!r} was deleted or replaced while this call "
+                           "waited for it")
+
     @contextmanager
     def mutating(self) -> Iterator[None]:
         """Hold the lock for a state-changing call; refuse while a Train run owns the model."""
         with self.lock:
+            self.check_alive()
             if self.training_run is not None:
                 raise FailedPrecondition(
                     f"model {self.id!r} is training (run {self.training_run}); cancel the run "
@@ -460,6 +485,12 @@ class Model:
                 t = t.to(device=self.device, non_blocking=True)
             out.append(t)
         return out
+
+    def prepared_bytes(self, inputs: Sequence[torch.Tensor]) -> int:
+        """nbytes_of(prepare_inputs(inputs)), without preparing them (floating: model dtype)."""
+        size = torch.empty((), dtype=self.dtype).element_size()
+        return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+                   for t in inputs)
 
     def prepare_target(self, target: torch.Tensor | None) -> torch.Tensor | None:
         if target is None:
@@ -585,6 +616,7 @@ class Model:
                 ) -> tuple[torch.Tensor | Outputs, str]:
         start = time.perf_counter()
         with self.request_bytes(inputs, "Forward"), self.lock:
+            self.check_alive()
             self._expire_graphs()
             if retain_graph and self.training_run is not None:
                 raise FailedPrecondition(f"model {self.id!r} is training; retained forwards "
@@ -592,10 +624,10 @@ class Model:
             self.set_mode(eval_mode)
             try:
                 if not retain_graph:
-                    xs = self.prepare_inputs(inputs)
-                    est = self.estimate_call(estimate.FORWARD, xs, eval_mode)
-                    with self.reserve_call(est.peak, "Forward", xs), torch.no_grad():
-                        outs = self.run_outputs(xs)
+                    est = self.estimate_call(estimate.FORWARD, inputs, eval_mode)
+                    work = Work(FORWARD, {"eval": eval_mode, "retain": ""}, list(inputs))
+                    with self.reserve_call(est.peak, "Forward", inputs), torch.no_grad():
+                        outs = self.parallel.run(self, work).outputs
                         if any(out.device.type != "cpu" for out in outs):
                             outs = [_snapshot(out) for out in outs]
                             _synchronize(self.device)
@@ -603,27 +635,28 @@ class Model:
                             outs = [out.detach() if out.requires_grad else out for out in outs]
                     self._timed("forward", start)
                     return self._pack(outs), ""
-                leaves: list[torch.Tensor] = []
-                xs = self.prepare_inputs(inputs, requires_grad=True, leaves=leaves)
-                est = self.estimate_call(estimate.RETAIN, xs, eval_mode)
-                # The graph holds the inputs as sent and their casts to the model's dtype.
-                cast = [x for x, t in zip(xs, inputs) if x.dtype != t.dtype]
-                held = nbytes_of(inputs) + nbytes_of(cast)
+                est = self.estimate_call(estimate.RETAIN, inputs, eval_mode, requires_grad=True)
+                # The graph holds the inputs as sent (its leaves) and their casts.
+                held = self.prepared_bytes(inputs) + nbytes_of(
+                    [t for t in inputs if t.is_floating_point() and t.dtype != self.dtype])
                 if est.saved + held > self.limits.max_graph_bytes:  # refused before computing
                     raise self._graph_too_big(est.saved + held)
                 # The output's copy for the reply (_snapshot) comes on top of the peak.
                 with self.reserve_call(est.peak + est.output, "Forward(retain_graph)",
-                                       xs) as reservation:
-                    saved = estimate.SavedBytes(
-                        self._state_storages() | {estimate.storage_key(x) for x in xs}
-                        | {estimate.storage_key(x) for x in leaves})
-                    with saved.hooks():
-                        outs = self.run_outputs(xs)
+                                       inputs) as reservation:
+                    # What autograd saves for backward, apart from parameters and the inputs.
+                    saved = estimate.SavedBytes(self._state_storages())
+                    forward_id = uuid.uuid4().hex
+                    work = Work(FORWARD, {"eval": eval_mode, "retain": forward_id},
+                                list(inputs), local=saved)
+                    done = self.parallel.run(self, work)
+                    # This rank keeps its shard's graph (one process: the whole batch's).
+                    outs, xs = done.local_outputs, done.local_inputs
                     kept = sum(0 if estimate.storage_key(out) in saved.seen else out.nbytes
                                for out in outs)
-                    forward_id = self._retain(outs, leaves, held + saved.nbytes + kept,
-                                              reservation)
-                    outs = [_snapshot(out) for out in outs]
+                    self._retain(outs, xs, nbytes_of(xs) + saved.nbytes + kept, reservation,
+                                 forward_id, [o.shape for o in done.outputs], work.sizes)
+                    outs = [_snapshot(out) for out in done.outputs]
             finally:
                 self.set_mode(False)
             self._timed("forward", start)
@@ -642,13 +675,13 @@ class Model:
             f"{_mib(self.limits.max_graph_bytes)}")
 
     def _retain(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], nbytes: int,
-                reservation: Reservation) -> str:
+                reservation: Reservation, forward_id: str, shapes: list[torch.Size],
+                sizes: list[int]) -> str:
         """Keep the graph: nbytes (inputs, outputs, saved tensors) move from the call's
         reservation to the budget's retained graphs."""
         if not any(out.requires_grad for out in outputs):
             raise FailedPrecondition("retain_graph: the output does not depend on any trainable "
                                      "parameter or floating input; nothing to differentiate")
-        forward_id = uuid.uuid4().hex
         # Refuse before evicting: a graph that can never fit must not cost the others theirs.
         if nbytes > self.limits.max_graph_bytes:
             raise self._graph_too_big(nbytes)
@@ -659,7 +692,7 @@ class Model:
                         f"(max_graphs={self.limits.max_graphs}, "
                         f"max_graph_mb={_mib(self.limits.max_graph_bytes)}) was reached")
         self._graphs[forward_id] = _Graph(outputs[self.main_output], inputs, nbytes,
-                                          time.monotonic(), outputs)
+                                          time.monotonic(), outputs, shapes, sizes)
         self._graph_bytes += nbytes
         self.hooks.graphs(self.id, len(self._graphs), 0)
         return forward_id
@@ -695,6 +728,11 @@ class Model:
                                      " run Forward again")
         raise NotFound(f"forward_id {forward_id!r}: no retained graph with this id on model "
                        f"{self.id!r} (each graph is consumed by one Backward)")
+
+    @property
+    def graph_ids(self) -> list[str]:
+        """Ids of the retained graphs, oldest first."""
+        return list(self._graphs)
 
     def drop_graphs(self) -> None:
         self._graphs.clear()
@@ -732,7 +770,6 @@ class Model:
                   return_input_grads: bool, step: bool, return_output: bool,
                   held: ExitStack, grad_outputs: Sequence[torch.Tensor] = ()) -> BackwardResult:
         """held: the call's budget reservations end with it."""
-        start = time.perf_counter()
         if grad_outputs and (grad_output is not None or target is not None or not forward_id):
             raise InvalidArgument("grad_outputs: only with forward_id, and instead of "
                                   "grad_output and target")
@@ -740,6 +777,7 @@ class Model:
         copies = ((self._trainable_bytes if return_grads else 0)
                   + (self._trainable_bytes if step else 0))
         y = self.prepare_target(target)
+        args = {"input_grads": return_input_grads, "output": return_output, "timed": True}
         if forward_id:
             if inputs:
                 raise InvalidArgument("inputs: give either inputs (fused) or forward_id, not both")
@@ -750,67 +788,55 @@ class Model:
             # The graph's bytes stay reserved while backward runs through it: the gradients it
             # produces take about as much again (a heuristic; the graph was measured exactly).
             held.enter_context(reservation)
-            out, leaves, outs = graph.output, graph.inputs, graph.outputs
-            copies += graph.nbytes + (nbytes_of(outs) if return_output else 0)
+            copies += graph.nbytes + (nbytes_of(graph.outputs) if return_output else 0)
             held.enter_context(self.reserve_call(copies, "Backward(forward_id)"))
+            shapes = graph.shapes
+            tensors: list[torch.Tensor | None]
+            if grad_outputs:
+                if len(grad_outputs) != len(shapes):
+                    raise InvalidArgument(
+                        f"grad_outputs: {len(grad_outputs)} given; the model has {len(shapes)} "
+                        f"output(s) ({', '.join(self.output_names)})")
+                for i, (shape, g) in enumerate(zip(shapes, grad_outputs)):
+                    if g.shape != shape:
+                        raise InvalidArgument(f"grad_outputs[{i}]: shape {list(g.shape)} does "
+                                              f"not match the output shape {list(shape)}")
+                kind, tensors = "grad_outputs", list(grad_outputs)
+            elif grad_output is not None:
+                shape = shapes[self.main_output]
+                if grad_output.shape != shape:
+                    raise InvalidArgument(f"grad_output: shape {list(grad_output.shape)} does not "
+                                          f"match the output shape {list(shape)}")
+                kind, tensors = "grad_output", [grad_output]
+            else:
+                kind, tensors = "loss", [target]
+            # Split as the forward was: each rank backpropagates its own shard's graph.
+            work = Work(BACKWARD, {**args, "kind": kind, "forward_id": forward_id}, tensors,
+                        graph.sizes, graph)
         else:
             if grad_output is not None:
                 raise InvalidArgument("grad_output: only valid with forward_id")
-            leaves = []
-            xs = self.prepare_inputs(inputs, requires_grad=return_input_grads, leaves=leaves)
-            est = self.estimate_call(estimate.BACKWARD, xs, False, y)
-            copies += ((nbytes_of(xs) if return_input_grads else 0)
+            est = self.estimate_call(estimate.BACKWARD, inputs, False, y,
+                                     requires_grad=return_input_grads)
+            copies += ((self.prepared_bytes(inputs) if return_input_grads else 0)
                        + (est.output if return_output else 0))
-            held.enter_context(self.reserve_call(est.peak + copies, "Backward", xs))
+            held.enter_context(self.reserve_call(est.peak + copies, "Backward", inputs))
             self.set_mode(False)
-            outs = self.run_outputs(xs)
-            out = outs[self.main_output]
-            self._timed("forward", start)
-            start = time.perf_counter()
-        loss_value: float | None = None
-        roots: list[torch.Tensor]
-        grads_in: list[torch.Tensor] | None
-        if grad_outputs:
-            if len(grad_outputs) != len(outs):
-                raise InvalidArgument(f"grad_outputs: {len(grad_outputs)} given; the model has "
-                                      f"{len(outs)} output(s) ({', '.join(self.output_names)})")
-            roots, grads_in = [], []
-            for i, (o, g) in enumerate(zip(outs, grad_outputs)):
-                if g.shape != o.shape:
-                    raise InvalidArgument(f"grad_outputs[{i}]: shape {list(g.shape)} does not "
-                                          f"match the output shape {list(o.shape)}")
-                if o.requires_grad:
-                    roots.append(o)
-                    grads_in.append(g.to(device=o.device, dtype=o.dtype))
-        elif grad_output is not None:
-            upstream = self.prepare_target(grad_output)
-            assert upstream is not None
-            if upstream.shape != out.shape:
-                raise InvalidArgument(f"grad_output: shape {list(upstream.shape)} does not match "
-                                      f"the output shape {list(out.shape)}")
-            roots, grads_in = [out], [upstream.to(out.dtype)]
-        else:
-            loss = self.loss_fn(out, y)
-            loss_value = float(loss.detach())
-            roots, grads_in = [loss], None
-        # The leaves: each floating input in its own dtype, as sent (their grads are what
-        # autograd gives a local x.grad when the model casts x to its dtype).
-        wanted = leaves if return_input_grads else []
-        self.differentiate(roots, grads_in)
-        self._timed("backward", start)
-        result = BackwardResult(loss=loss_value, step=self.step_count)
-        if loss_value is not None:
-            self.hooks.loss(self.id, loss_value)
+            work = Work(FUSED, {**args, "inputs": len(inputs), "divide": 1,
+                                "finite_only": False}, [*inputs, target])
+        done = self.parallel.run(self, work)
+        result = BackwardResult(loss=done.loss, step=self.step_count)
+        if done.loss is not None:
+            self.hooks.loss(self.id, done.loss)
         if return_grads:
             result.grads = {n: _snapshot(p.grad) for n, p in self.module.named_parameters()
                             if p.grad is not None}
         if return_input_grads:
-            result.input_grads = [_snapshot(x.grad) if x.grad is not None else
-                                  torch.zeros_like(x, device="cpu") for x in wanted]
+            result.input_grads = [_snapshot(g) for g in done.input_grads]
         if return_output:
-            result.output = _snapshot(out)
+            result.output = _snapshot(done.outputs[self.main_output])
             if self.output_names:
-                result.outputs = [_snapshot(o) for o in outs]
+                result.outputs = [_snapshot(o) for o in done.outputs]
         if step:
             result.step = self._step(zero_grad=True)
         _synchronize(self.device)
@@ -860,28 +886,45 @@ class Model:
         in a data-parallel run already reduced). grad_norm: the total norm before clipping,
         computed when clipping or asked (want_norm), else nan; lr: what this step used.
         """
-        norm = math.nan
-        if clip > 0:
-            params = [p for p in self.module.parameters() if p.grad is not None]
-            if params:
-                norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            elif want_norm:
-                norm = 0.0
-        elif want_norm:
-            norm = self.total_grad_norm()
         lr = self.learning_rate
-        if self.optimizer is not None:
-            self.optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            if zero_grad:
-                self.optimizer.zero_grad()
+        norm = self.optimizer_step(clip=clip, want_norm=want_norm, zero_grad=zero_grad)
+        if schedule is not None and self.optimizer is not None:
+            schedule.step()  # on rank 0; the next STEP carries the rates to every rank
         self.step_count += 1
         return StepStats(self.step_count, norm, lr)
 
     def zero_grad(self, request_id: str = "") -> None:
         with self.mutating():
-            self.once("ZeroGrad", request_id, tuple, lambda: self.module.zero_grad())
+            self.once("ZeroGrad", request_id, tuple, self.clear_grads)
+
+    # ------------------------------------------------------------------ work the trainer runs
+    # Each is one Work item: on every rank of a group, in the same order (core/parallel.py).
+
+    def train_batch(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None,
+                    divide: int = 1, stop_below: float | None = None) -> float:
+        """Forward, loss and backward of (loss / divide) of one batch; the batch's loss.
+
+        No backward when the loss is not finite (the caller skips or stops) or below
+        stop_below (an objective reaching stop_loss). Caller holds the lock.
+        """
+        work = Work(FUSED, {"inputs": len(inputs), "input_grads": False, "output": False,
+                            "divide": divide, "finite_only": True, "timed": False,
+                            "stop_below": stop_below},
+                    [*inputs, target])
+        loss = self.parallel.run(self, work).loss
+        assert loss is not None
+        return loss
+
+    def optimizer_step(self, clip: float = 0.0, want_norm: bool = False,
+                       zero_grad: bool = True) -> float:
+        """Clip (clip > 0), optimizer.step() and zero_grad(); the gradient norm when clipped
+        or asked (else NaN). Caller holds the lock."""
+        work = Work(STEP, {"clip": clip, "norm": want_norm, "zero": zero_grad})
+        return self.parallel.run(self, work).norm
+
+    def clear_grads(self) -> None:
+        """module.zero_grad() (caller holds the lock)."""
+        self.parallel.run(self, Work(ZERO_GRAD))
 
     # ------------------------------------------------------------------ parameters
 
@@ -938,7 +981,12 @@ class Model:
             raise InvalidArgument("parameters: give at least one name -> tensor")
         with self.request_bytes(list(values.values()), "SetParameters"), self.mutating():
             self.once("SetParameters", request_id, lambda: (dict(values),),
-                      lambda: self._assign(values, "parameters"))
+                      lambda: self._set(values))
+
+    def _set(self, values: Mapping[str, torch.Tensor]) -> None:
+        """SetParameters' values on every rank (checked before any is written)."""
+        self.parallel.run(self, Work(ASSIGN, {"names": list(values), "what": "parameters"},
+                                     list(values.values())))
 
     def total_grad_norm(self) -> float:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]

@@ -22,11 +22,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, InvalidArgument
 
 T = TypeVar("T")
 
 ENTRY_BYTES = 256          # what an entry costs besides its reply's tensors (key, digest, slots)
+# Longest request id: a UUID is 36 characters. ENTRY_BYTES and checkpoint headers assume short
+# ids (1024 ids of 4 MiB each would be 4 GiB the memory budget never saw).
+MAX_ID_LENGTH = 128
 _FULL_HASH_BYTES = 256 * 1024  # tensors up to this size are hashed whole ...
 _SAMPLE_BLOCKS = 64            # ... larger ones by this many evenly spaced blocks
 _SAMPLE_BLOCK_BYTES = 4096
@@ -67,6 +70,16 @@ def _feed(h: Any, part: Any) -> None:
     else:  # str, int, float, bool, None: repr is exact and typed enough ("1" vs 1 vs True)
         text = f"{type(part).__name__}:{part!r}"
         h.update(f"S{len(text)}:{text}".encode())
+
+
+def check_request_id(request_id: str) -> None:
+    """InvalidArgument unless the id has 1-128 characters and no control characters."""
+    if len(request_id) <= MAX_ID_LENGTH and request_id.isprintable():
+        return
+    shown = request_id[:40] + ("..." if len(request_id) > 40 else "")
+    raise InvalidArgument(
+        f"request_id: {shown!r} ({len(request_id)} characters) is not a request id; give at "
+        f"most {MAX_ID_LENGTH} printable characters (a UUID is 36), or none")
 
 
 def fingerprint(*parts: Any) -> bytes:
@@ -135,7 +148,10 @@ class RequestIdWindow:
 
         payload() computes the request's fingerprint; it is only called when there is an id.
         """
-        if not request_id or self.max_entries <= 0:
+        if not request_id:
+            return fn()
+        check_request_id(request_id)
+        if self.max_entries <= 0:
             return fn()
         digest = payload()
         key = (method, request_id)
@@ -198,6 +214,8 @@ class RequestIdWindow:
         self._reply_bytes = 0
         for i, item in enumerate(entries):
             method, request_id = str(item["method"]), str(item["id"])
+            if not request_id or len(request_id) > MAX_ID_LENGTH or not request_id.isprintable():
+                raise ValueError(f"entry {i}: not a request id")
             digest = bytes.fromhex(item["fingerprint"])
             if item.get("kept"):
                 prefix = f"requests.{i}."

@@ -21,6 +21,7 @@ from .errors import FailedPrecondition, GradServeFault, NotFound, ResourceExhaus
 from .hooks import Hooks
 from .limits import Limits
 from .model import Model
+from .parallel import LOCAL, Parallel
 from .store import ModelStore
 from .trainer import DONE, Trainer, TrainOptions
 
@@ -46,6 +47,18 @@ class CheckpointResult:
 
 
 @dataclass
+class ServerInfo:
+    """What GetServerInfo answers: versions, and the devices the server computes on."""
+
+    version: str
+    torch_version: str
+    world_size: int = 1
+    backend: str = ""
+    devices: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RestoreResult:
     """What start-up restored: models and datasets, and the files moved to quarantine/."""
 
@@ -57,7 +70,7 @@ class RestoreResult:
 class Core:
     def __init__(self, device: torch.device, limits: Limits, hooks: Hooks, state_dir: str = "",
                  autosave_steps: int = 0, autosave_seconds: float = 0.0,
-                 persist_datasets: bool = False) -> None:
+                 persist_datasets: bool = False, parallel: Parallel = LOCAL) -> None:
         """Raises StartupError when state_dir is given but unusable (checked now, not at exit)."""
         self.device = device
         self.limits = limits
@@ -65,7 +78,9 @@ class Core:
         self.budget = MemoryBudget(limits.max_memory_bytes, hooks,
                                    max_call=limits.max_compute_bytes)
         estimate.warm_up()
-        self.models = ModelStore(device, limits, hooks, self.budget)
+        self.parallel = parallel
+        self.info = ServerInfo("unknown", torch.__version__, parallel.world, "", [str(device)])
+        self.models = ModelStore(device, limits, hooks, self.budget, parallel)
         self.trainer = Trainer(limits, hooks)
         self.checkpoints = CheckpointStore(state_dir, hooks)
         datasets_dir = Path(state_dir) / "datasets" if state_dir and persist_datasets else None

@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -120,6 +121,26 @@ def write_atomic(directory: Path, filename: str, tensors: Mapping[str, torch.Ten
             os.unlink(tmp)
 
 
+def not_regular(path: Path) -> str | None:
+    """Why path is not a regular file we may open (a FIFO, a device, a symlink...), or None.
+
+    safetensors opens files holding the GIL: opening a FIFO nobody writes to would freeze the
+    whole server, and a symlink may point at one (or at /dev/zero). Checked without following
+    links; the reason names what the path is.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"not a regular file ({kind})"
+
+
 def remove_durably(path: Path) -> bool:
     """Unlink path and fsync its directory; False if it was not there."""
     try:
@@ -131,10 +152,11 @@ def remove_durably(path: Path) -> bool:
 
 
 def prepare(state_dir: Path, subdirs: tuple[str, ...] = ()) -> int:
-    """At start: create the dir, prove it takes an fsynced write, remove leftover temp files.
+    """At start: create the dir, remove leftover temp files, prove it takes an fsynced write.
 
     Raises StartupError (one line: flag, path, reason) when the directory is unusable, so the
-    server exits at once instead of losing everything at the first checkpoint. Returns how many
+    server exits at once instead of losing everything at the first checkpoint. A full volume is
+    not unusable (its files are intact): it is logged and the server starts. Returns how many
     leftover temporary files were removed.
     """
     uid = f"uid {os.getuid()} gid {os.getgid()}" if hasattr(os, "getuid") else "this user"
@@ -145,22 +167,7 @@ def prepare(state_dir: Path, subdirs: tuple[str, ...] = ()) -> int:
                            "create it or choose another directory") from None
     if not state_dir.is_dir():
         raise StartupError(f"--state-dir {state_dir}: not a directory")
-    probe = state_dir / f".gradserve-write-test.{os.getpid()}{TMP_SUFFIX}"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"gradserve")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.unlink(probe)
-        fsync_dir(state_dir)
-    except OSError as exc:
-        raise StartupError(
-            f"--state-dir {state_dir}: cannot write and fsync a file there ({exc.strerror or exc}"
-            f"); the server runs as {uid}: give it write access (a random uid in group 0, as on "
-            "OpenShift, needs the directory group-writable by gid 0) or choose another "
-            "directory") from None
+    # Leftovers first: a save killed half-way may be what filled the volume.
     removed = 0
     for folder in (state_dir, *(state_dir / s for s in subdirs)):
         if not folder.is_dir():
@@ -173,6 +180,30 @@ def prepare(state_dir: Path, subdirs: tuple[str, ...] = ()) -> int:
                 log.warning("cannot remove the leftover temporary file %s: %s", leftover, exc)
     if removed:
         log.info("removed %d leftover temporary file(s) from %s", removed, state_dir)
+    probe = state_dir / f".gradserve-write-test.{os.getpid()}{TMP_SUFFIX}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"gradserve")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+        fsync_dir(state_dir)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Full, not unusable: what is on it is intact. Exiting would be a restart loop that
+            # serves nothing, with no API left to free space; serve, and say saves will fail.
+            log.error("--state-dir %s is full (%s): the server starts and serves what it "
+                      "restores, but checkpoints fail with RESOURCE_EXHAUSTED until space is "
+                      "freed (DeleteCheckpoint, or give the volume more)", state_dir,
+                      exc.strerror or exc)
+            return removed
+        raise StartupError(
+            f"--state-dir {state_dir}: cannot write and fsync a file there ({exc.strerror or exc}"
+            f"); the server runs as {uid}: give it write access (a random uid in group 0, as on "
+            "OpenShift, needs the directory group-writable by gid 0) or choose another "
+            "directory") from None
     return removed
 
 

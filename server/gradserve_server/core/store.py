@@ -13,6 +13,7 @@ from .hooks import Hooks
 from .ids import check_id
 from .limits import Limits
 from .model import Model
+from .parallel import LOCAL, Parallel
 from .spec import ModelSpec
 
 
@@ -20,8 +21,9 @@ class ModelStore:
     """Models by id. Store-level operations hold a short lock; model work holds the model's."""
 
     def __init__(self, device: torch.device, limits: Limits, hooks: Hooks,
-                 budget: MemoryBudget | None = None) -> None:
+                 budget: MemoryBudget | None = None, parallel: Parallel = LOCAL) -> None:
         self.device = device
+        self.parallel = parallel  # every model lives on every rank of a group
         self.limits = limits
         self.hooks = hooks
         self.budget = budget if budget is not None else MemoryBudget()
@@ -42,6 +44,7 @@ class ModelStore:
         try:
             model = Model(model_id, spec, self.device, self.limits, self.hooks,  # slow: unlocked
                           self.budget)
+            self._publish(model)
             with self._lock:
                 self._models[model_id] = model
                 # Under the lock: a concurrent delete must see the add before its remove.
@@ -51,11 +54,26 @@ class ModelStore:
                 self._reserved.discard(model_id)
         return model
 
+    def _publish(self, model: Model) -> None:
+        """Every rank gets the model's state before anyone can call it (a group's workers build
+        their replicas from it); a model no rank could build is closed, not stored."""
+        model.parallel = self.parallel
+        try:
+            self.parallel.publish(model)
+        except BaseException:
+            model.close()
+            raise
+
     def put(self, model: Model) -> None:
         """Insert or replace a fully built model (checkpoint restore)."""
+        self._publish(model)
         with self._lock:
+            if model.id in self._reserved:  # a CreateModel of this id is building its model
+                raise AlreadyExists(f"model_id: a model {model.id!r} is being created; delete it "
+                                    "once it exists, or choose another id")
             old = self._models.get(model.id)
             if old is None and len(self._models) >= self.limits.max_models:
+                self.parallel.drop(model.id)  # the workers' replica goes with it
                 raise ResourceExhausted(f"the server holds {len(self._models)} models; the limit "
                                         f"(max_models) is {self.limits.max_models}")
             self._models[model.id] = model
@@ -89,6 +107,7 @@ class ModelStore:
         model.deleted.set()
         with model.lock:
             model.close()
+            self.parallel.drop(model_id)
 
     def __len__(self) -> int:
         return len(self._models)

@@ -122,6 +122,32 @@ class _Run:
             self.epoch_loss = math.fsum(self.losses) / len(self.losses)
 
 
+class _Batches(Sequence[Any]):
+    """One epoch's batches (slices, or index tensors of the shuffled order), made one at a time.
+
+    Made as a list, batch_size 1 over 4 million samples was 2.5 GB of index views before the
+    first step, outside the memory budget.
+    """
+
+    def __init__(self, n: int, opts: TrainOptions, order: torch.Tensor | None) -> None:
+        self.size = opts.batch_size or n
+        self.n_batches = n // self.size if opts.drop_last else -(-n // self.size)
+        self.order = order
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.n_batches))]
+        if not -self.n_batches <= k < self.n_batches:
+            raise IndexError(k)
+        start = (k % self.n_batches) * self.size
+        if self.order is None:
+            return slice(start, start + self.size)
+        return self.order[start:start + self.size]
+
+
 class Trainer:
     """Runs loops, bounds how many run at once, and stops them all on shutdown."""
 
@@ -197,22 +223,19 @@ class Trainer:
     def plan(self, objective: bool, n: int, opts: TrainOptions) -> RunPlan:
         """Epochs, batches per epoch and optimizer steps of a run that is not stopped early."""
         batches_per_epoch = (opts.max_steps * opts.accumulation_steps if objective
-                             else len(self._batches(n, opts, 0)))
+                             else len(_Batches(n, opts, None)))
         steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
         epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
         total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
         return RunPlan(epochs, batches_per_epoch, total)
 
-    def _batches(self, n: int, opts: TrainOptions, epoch: int) -> list[slice | torch.Tensor]:
+    def _batches(self, n: int, opts: TrainOptions, epoch: int) -> _Batches:
         """The epoch's batches of sample indices, as the documented loop takes them."""
-        bs = opts.batch_size or n
-        starts = [s for s in range(0, n, bs) if not (opts.drop_last and s + bs > n)]
         if not opts.shuffle:
-            return [slice(s, s + bs) for s in starts]
+            return _Batches(n, opts, None)
         # Wrapped into torch's seed range: seed 2**64 - 1 at epoch 1 is seed 0, not an overflow.
         seed = (opts.seed + epoch) % 2**64
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        return [order[s:s + bs] for s in starts]
+        return _Batches(n, opts, torch.randperm(n, generator=torch.Generator().manual_seed(seed)))
 
     def _stop_requested(self, model: Model, cancelled: Callable[[], bool]) -> str | None:
         if self.shutdown.is_set():
@@ -247,8 +270,11 @@ class Trainer:
             n_in = len(data.inputs) if data is not None else 0
             target = batch[n_in] if len(batch) > n_in else None
             est = model.estimate_call(BACKWARD, batch[:n_in], False, target)
-            # Shuffled batches are gathered copies; the optimizer step has temporaries.
+            # Shuffled batches are gathered copies; the optimizer step has temporaries; the
+            # shuffled order is one int64 per sample.
             need = est.peak + nbytes_of(batch) + model.trainable_bytes
+            if opts.shuffle and data is not None:
+                need += 8 * data.num_samples
             if validation is not None:
                 vbatch = first(validation)
                 n_val = len(validation.inputs)
@@ -264,7 +290,7 @@ class Trainer:
         with model.lock:
             sched = build_schedule(model.optimizer, opts.schedule, opts.schedule_params,
                                    opts.warmup_steps, opts.warmup_start_factor, plan.total_steps)
-            model.module.zero_grad()
+            model.clear_grads()  # on every rank of a group
             model.module.train()
         start = time.perf_counter()
         run = _Run(model, opts, plan, data is None, sched, after_step, start, flushed=start)
@@ -272,11 +298,12 @@ class Trainer:
             run.losses = []
             batches: Sequence[Any] = (range(plan.batches_per_epoch) if data is None
                                       else self._batches(n, opts, epoch))
+            last = plan.batches_per_epoch - 1  # len(range(2**63)) would overflow
             for i, idx in enumerate(batches):
                 run.reason = self._stop_requested(model, cancelled)
                 if run.reason:
                     break
-                stepped = self._train_batch(run, data, idx, epoch, i, i == len(batches) - 1)
+                stepped = self._train_batch(run, data, idx, epoch, i, i == last)
                 if run.reason:
                     break
                 if stepped:
@@ -356,17 +383,12 @@ class Trainer:
         the loss is not finite or below stop_below. Returns (the loss, samples in the batch).
         Caller holds the lock."""
         if data is None:
-            loss = model.loss_fn(model.run_module([]), None)
-            batch_n = 1
-        else:
-            xs = model.prepare_inputs([t[idx] for t in data.inputs])
-            y = model.prepare_target(data.target[idx] if data.target is not None else None)
-            loss = model.loss_fn(model.run_module(xs), y)
-            batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore[union-attr]
-        value = loss.item()
-        if math.isfinite(value) and not (stop_below is not None and value < stop_below):
-            model.differentiate([loss / accumulation if accumulation > 1 else loss])
-        return value, batch_n
+            return model.train_batch([], None, accumulation, stop_below), 1
+        xs = [t[idx] for t in data.inputs]
+        y = data.target[idx] if data.target is not None else None
+        # In a group every rank runs this on its shard of the batch (core/parallel.py).
+        value = model.train_batch(xs, y, accumulation, stop_below)
+        return value, int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore[union-attr]
 
     @staticmethod
     def _optimizer_step(run: _Run, want_norm: bool) -> None:
@@ -517,7 +539,7 @@ class StreamSession:
             # A stream's length is unknown: cosine needs its t_max (build_schedule says so).
             self._sched = build_schedule(model.optimizer, schedule, params, warmup, start_factor,
                                          None)
-            model.module.zero_grad()
+            model.clear_grads()
             model.module.train()
 
     def step(self, batch: TrainData) -> StreamResult | None:
@@ -539,16 +561,13 @@ class StreamSession:
         t0 = time.perf_counter()
         with model.lock, model.reserve_batch(BACKWARD, batch.inputs, batch.target,
                                              "TrainStream", model.trainable_bytes):
-            xs = model.prepare_inputs(batch.inputs)
-            loss = model.loss_fn(model.run_module(xs), model.prepare_target(batch.target))
-            value = loss.item()
+            value = model.train_batch(batch.inputs, batch.target)  # no backward unless finite
             if not math.isfinite(value):
                 if not self.skip_nonfinite:
                     raise FailedPrecondition(
                         f"batch {k}: the loss was {value}; the stream ends (set "
                         "skip_nonfinite to skip such batches)")
                 return StreamResult(model.step_count, value, math.nan, model.learning_rate, True)
-            model.differentiate([loss])
             stats = model.apply_step(clip=self.clip, schedule=self._sched, want_norm=True)
             norm, lr = stats.grad_norm, stats.lr
         hooks = trainer.hooks

@@ -14,6 +14,7 @@ from gradserve import wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from .call import split
+from .messages import check_tensor_counts
 from .shm import Owner, SharedMemoryRegistry
 
 FRAMED = {"Forward": pb.ForwardRequest, "Backward": pb.BackwardRequest}
@@ -28,6 +29,7 @@ def parser(cls: Any, registry: SharedMemoryRegistry | None
     def parse(data: bytes, owner: Owner) -> Any:
         msg = split(cls, data)
         inner = msg.message if isinstance(msg, wire.Framed) else msg
+        check_tensor_counts(inner)  # before a Framed view wraps every tensor it holds
         if registry is not None and inner.HasField("shm_reply"):
             if not isinstance(msg, wire.Framed):
                 msg = wire.Framed(msg, {}, plan)

@@ -184,6 +184,64 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return call
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+WATCH_SHARE = 10  # health watchers may hold at most 1/WATCH_SHARE of --max-concurrent-rpcs
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """--max-concurrent-rpcs for every call but health Check, and a share of it for Watch.
+
+    gRPC's own maximum_concurrent_rpcs counts every call alike, so calls that never end by
+    themselves could fill it, health watchers above all (they need no token): then every call
+    failed, health Check included, and a failing liveness probe restarts a server that was
+    only busy. Here Check is never counted and watchers get a tenth of the limit; gRPC's limit
+    stays as the backstop, with room for Checks (app.py). Refused calls get RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.watch_limit = max(1, limit // WATCH_SHARE)
+        self.active = 0  # calls past admission, Check excepted (all on the event loop)
+        self.watches = 0
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(self, continuation: Continuation,
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if details.method == HEALTH_CHECK:
+            return handler
+        return _cached(self._wrapped, handler, self._around, details.method)
+
+    def _refusal(self, watch: bool) -> str | None:
+        if self.active >= self.limit:
+            return (f"the server has {self.active} calls open, its limit "
+                    f"(max_concurrent_rpcs) is {self.limit}; retry later")
+        if watch and self.watches >= self.watch_limit:
+            return (f"health Watch: {self.watches} watchers are open, the limit (a tenth of "
+                    f"max_concurrent_rpcs) is {self.watch_limit}; use health Check")
+        return None
+
+    def _around(self, behavior: Behavior, streaming: bool, method: str) -> Behavior:
+        watch = method == HEALTH_WATCH
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            refused = self._refusal(watch)
+            if refused is not None:
+                context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                context.set_details(refused)
+                return None
+            self.active += 1
+            self.watches += watch
+            try:
+                return await behavior(request, context)
+            finally:
+                self.active -= 1
+                self.watches -= watch
+
+        return call
+
+
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """RPC latency histogram by method and status code, one debug log line per RPC, and the
     table of calls in flight (the drain waits for them and cancels what is left)."""
@@ -243,7 +301,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 # Scopes each method needs; health and reflection are not listed and stay open.
 SCOPES: dict[str, str] = {
     **dict.fromkeys(("Forward", "GetModel", "ListModels", "GetParameters", "ListDatasets",
-                     "ListCheckpoints"), "read"),
+                     "ListCheckpoints", "GetServerInfo"), "read"),
     **dict.fromkeys(("RegisterSharedMemory", "UnregisterSharedMemory"), "shm"),
     **dict.fromkeys(("Backward", "Step", "ZeroGrad", "SetParameters", "Train", "TrainStream",
                      "UploadDataset", "DeleteDataset"), "train"),

@@ -11,8 +11,10 @@ from google.protobuf import json_format, struct_pb2
 from gradserve import codec, results, wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
+from ..catalog.layers import MAX_LAYERS
 from ..core.datasets import TensorLayout, TrainData
 from ..core.errors import InvalidArgument
+from ..core.limits import MAX_NAMED_TENSORS, MAX_TENSORS
 from ..core.model import BackwardResult, Outputs
 from ..core.spec import FLOAT_DTYPES, ModelSpec
 from ..core.trainer import StreamResult, TrainOptions
@@ -28,11 +30,29 @@ def tensor_in(msg: pb.Tensor, what: str, owned: bool = False) -> torch.Tensor:
     return t.clone() if owned and getattr(msg, "shared", False) else t
 
 
+def check_count(msgs: Any, what: str, limit: int = MAX_TENSORS, noun: str = "tensors") -> None:
+    """Refuse a repeated or map field with more than `limit` entries, before reading any."""
+    if len(msgs) > limit:
+        raise InvalidArgument(f"{what}: {len(msgs)} {noun}; at most {limit}")
+
+
+def check_tensor_counts(msg: Any) -> None:
+    """Every Tensor field of a request message within its count (before any is wrapped)."""
+    plan = wire.plan_for(msg.DESCRIPTOR)
+    for name, field in (plan.by_name.items() if plan is not None else ()):
+        if field.map:
+            check_count(getattr(msg, name), name, MAX_NAMED_TENSORS)
+        elif field.repeated:
+            check_count(getattr(msg, name), name)
+
+
 def tensors_in(msgs: Any, what: str, owned: bool = False) -> list[torch.Tensor]:
+    check_count(msgs, what)
     return [tensor_in(m, f"{what}[{i}]", owned) for i, m in enumerate(msgs)]
 
 
 def named_in(msgs: Mapping[str, pb.Tensor], what: str) -> dict[str, torch.Tensor]:
+    check_count(msgs, what, MAX_NAMED_TENSORS)
     return {k: tensor_in(v, f"{what}[{k}]") for k, v in msgs.items()}
 
 
@@ -58,7 +78,15 @@ def optimizer_state_out(reply: pb.GetParametersResponse,
     reply.optimizer_param_groups.extend(struct_out(group) for group in groups)
 
 
+# Keyword arguments, loss, optimizer and schedule options: a few hundred bytes in practice. A
+# layer with 100,000 made-up keyword arguments took 5 s to read before the first was refused.
+MAX_STRUCT_BYTES = 64 * 1024
+
+
 def struct_in(msg: struct_pb2.Struct, what: str = "kwargs") -> dict[str, Any]:
+    size = msg.ByteSize()
+    if size > MAX_STRUCT_BYTES:
+        raise InvalidArgument(f"{what}: {size} bytes; at most {MAX_STRUCT_BYTES}")
     try:
         return json_format.MessageToDict(msg)
     except ValueError as exc:  # NaN or infinity: a Struct holds them, JSON has no such numbers
@@ -90,6 +118,7 @@ def spec_in(msg: pb.ModelSpec) -> ModelSpec:
         raise InvalidArgument("spec: set exactly one of layers, expression, plugin or exported")
     spec = ModelSpec(source=source)
     if source == "layers":
+        check_count(msg.layers.layers, "spec.layers", MAX_LAYERS, "layers")
         spec.layers = [{"type": layer.type,
                         "kwargs": struct_in(layer.kwargs, f"spec.layers[{i}].kwargs")}
                        for i, layer in enumerate(msg.layers.layers)]
@@ -240,6 +269,13 @@ def stream_result_out(r: StreamResult) -> pb.TrainStreamResponse:
 
 
 # ------------------------------------------------------------------------------------ datasets
+
+
+def layouts_in(msg: pb.DatasetHeader) -> tuple[list[TensorLayout], TensorLayout | None]:
+    """A dataset header's input and target layouts; the count is checked before any is read."""
+    check_count(msg.inputs, "header.inputs")
+    inputs = [layout_in(t, f"header.inputs[{i}]") for i, t in enumerate(msg.inputs)]
+    return inputs, layout_in(msg.target, "header.target") if msg.HasField("target") else None
 
 
 def layout_in(msg: pb.TensorHeader, what: str) -> TensorLayout:

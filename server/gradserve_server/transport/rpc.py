@@ -40,6 +40,7 @@ UNARY_LANES: dict[str, str] = {
     "RegisterSharedMemory": "control", "UnregisterSharedMemory": "control",
     "ListDatasets": "control", "DeleteDataset": "control", "SaveCheckpoint": "compute",
     "LoadCheckpoint": "compute", "ListCheckpoints": "control", "DeleteCheckpoint": "compute",
+    "GetServerInfo": "control",
 }
 STREAMING = ("Train", "TrainStream", "UploadDataset")
 INLINE_MAX_BYTES = 64 * 1024  # larger requests always parse and run on an executor

@@ -185,10 +185,8 @@ class GradientServicer:
         if first.WhichOneof("message") != "header":
             raise InvalidArgument("the first UploadDataset message must be a header")
         header = first.header
-        return self.core.datasets.begin(
-            header.dataset_id,
-            [m.layout_in(t, f"header.inputs[{i}]") for i, t in enumerate(header.inputs)],
-            m.layout_in(header.target, "header.target") if header.HasField("target") else None)
+        inputs, target = m.layouts_in(header)
+        return self.core.datasets.begin(header.dataset_id, inputs, target)
 
     @staticmethod
     def UploadChunk(upload: Upload, chunk: Any) -> None:
@@ -216,6 +214,15 @@ class GradientServicer:
                       ) -> pb.DeleteDatasetResponse:
         self.core.datasets.delete(request.dataset_id)
         return pb.DeleteDatasetResponse()
+
+    # ------------------------------------------------------------------ the server
+
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, call: Call
+                      ) -> pb.GetServerInfoResponse:
+        i = self.core.info
+        return pb.GetServerInfoResponse(version=i.version, torch_version=i.torch_version,
+                                        world_size=i.world_size, backend=i.backend,
+                                        devices=i.devices, hosts=i.hosts)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -710,6 +710,26 @@ class DeleteCheckpointResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "torch_version", "world_size", "backend", "devices", "hosts")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    torch_version: str
+    world_size: int
+    backend: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    hosts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., torch_version: _Optional[str] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., hosts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("name", "size", "nonce", "pid", "fd")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -140,6 +140,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/gradserve.v1.GradientService/GetServerInfo',
+                request_serializer=gradserve_dot_v1_dot_gradserve__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradserve__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -309,6 +314,15 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """What the server is: its versions and the devices it computes on. A server launched with
+        torchrun is one group of processes (rank 0 answers; docs/scaling.md): world_size of them,
+        each on its own device.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -416,6 +430,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.UnregisterSharedMemory,
                     request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=gradserve_dot_v1_dot_gradserve__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradserve__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -986,6 +1005,33 @@ class GradientService:
             '/gradserve.v1.GradientService/UnregisterSharedMemory',
             gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryRequest.SerializeToString,
             gradserve_dot_v1_dot_gradserve__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/GetServerInfo',
+            gradserve_dot_v1_dot_gradserve__pb2.GetServerInfoRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradserve__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
