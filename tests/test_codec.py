@@ -196,3 +196,36 @@ def test_readonly_decode_silences_only_its_own_warning() -> None:
     """)
     assert result.stdout.strip() == "['The given NumPy array is not writable (yours)']", \
         result.stderr
+
+
+def test_server_core_imports_neither_grpc_nor_the_clients() -> None:
+    """The core uses the SDK's plain result types (gradserve.results): importing them must not
+    load grpc, which only the server's transport and app may import."""
+    code = textwrap.dedent("""
+        import sys
+        import gradserve_server.core.service, gradserve_server.core.trainer
+        import gradserve_server.core.checkpoints
+        loaded = [m for m in ("grpc", "gradserve.client", "gradserve.aio") if m in sys.modules]
+        assert not loaded, loaded
+        import gradserve
+        assert gradserve.TrainEvent is sys.modules["gradserve.results"].TrainEvent
+        assert "grpc" not in sys.modules
+        from gradserve import Client  # the clients load on first use
+        assert "grpc" in sys.modules and Client.__module__ == "gradserve.client"
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_nan_cast_to_an_integer_dtype_is_silent() -> None:
+    """NaN and inf sent as an integer dtype: numpy's cast gives whatever it gives (as torch's
+    .to does), without a RuntimeWarning leaking into the caller's warning filters."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        msg = codec.encode(np.array([np.nan, np.inf, 1.0]), dtype="int64")
+    assert msg.dtype == pb.DTYPE_INT64 and list(msg.shape) == [3]
+    assert codec.to_torch(msg)[2].item() == 1

@@ -775,3 +775,25 @@ def test_version_1_checkpoints_still_load(make_server: Any, tmp_path: Path) -> N
         loaded = client.load_checkpoint("old", model_id="copy")
         assert loaded.info.step == 1
         assert all(torch.equal(loaded.parameters()[k], v) for k, v in params.items())
+
+
+def test_checkpoint_after_a_scheduled_train_loads_and_continues(make_server: Any,
+                                                                  tmp_path: Path) -> None:
+    """A Train run with a schedule leaves initial_lr in the optimizer's param_groups (as a
+    local scheduler does): the checkpoint keeps it, loads, and the next step equals local."""
+    server = make_server(state_dir=str(tmp_path))
+    X, y = _data()
+    with Client(f"127.0.0.1:{server.port}") as client:
+        m = client.create_model(layers=LINEAR, loss="mse", optimizer=OPTIMIZER, seed=0)
+        list(m.train(X, y, max_steps=3, batch_size=10, schedule={"type": "step", "step_size": 1,
+                                                                  "gamma": 0.5}))
+        m.save_checkpoint("sched")
+        restored = client.load_checkpoint("sched", model_id="sched-restored")
+        groups = restored.optimizer_state().param_groups
+        assert groups[0]["initial_lr"] == OPTIMIZER["lr"]
+        assert groups[0]["lr"] == OPTIMIZER["lr"] * 0.5 ** 3
+        a = m.backward(X[:4], y[:4], step=True, return_grads=False)
+        b = restored.backward(X[:4], y[:4], step=True, return_grads=False)
+        assert a.loss == b.loss
+        for name, value in m.parameters().items():
+            assert torch.equal(restored.parameters()[name], value), name

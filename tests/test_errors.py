@@ -105,15 +105,10 @@ def test_invalid_specs(client: Client, spec: dict[str, Any], needle: str) -> Non
 
 
 def test_huge_constant_is_refused_without_hanging(client: Client) -> None:
-    """9**9**9 is computed in floats (no 370-million-digit integer): it overflows, and the
-    caller gets INVALID_ARGUMENT naming that, at creation or at the first evaluation."""
-    try:
-        m = client.create_model(expression="9**9**9 * x", parameters={"x": 1.0})
-    except InvalidArgumentError as exc:
-        assert "constant arithmetic failed" in exc.details, exc.details
-    else:
-        with pytest.raises(InvalidArgumentError, match="constant arithmetic failed"):
-            m.backward()
+    """9**9**9 is never computed (a 370-million-digit integer): it is refused at creation, as
+    torch would refuse an integer beyond int64, with INVALID_ARGUMENT saying so."""
+    with pytest.raises(InvalidArgumentError, match=r"9\*\*387420489 does not fit int64"):
+        client.create_model(expression="9**9**9 * x", parameters={"x": 1.0})
     _alive(client)
 
 
@@ -205,3 +200,35 @@ def test_internal_error_is_generic_and_logged(client: Client, monkeypatch: Any,
     # ...but the server's log has the traceback, for the operator.
     assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
     _alive(client)
+
+
+def test_client_changes_parameters_between_retained_forward_and_backward(client: Client) -> None:
+    """A retained graph saved a parameter that SetParameters then changed in place: Backward
+    refuses with INVALID_ARGUMENT, as local autograd raises, instead of using the new value."""
+    m = client.create_model(layers=[{"type": "Linear", "in_features": 2, "out_features": 2},
+                                    {"type": "Tanh"},
+                                    {"type": "Linear", "in_features": 2, "out_features": 1}],
+                            loss="mse", seed=0)
+    fwd = m.forward(torch.ones(3, 2), retain_graph=True)
+    m.set_parameters({"2.weight": torch.zeros(1, 2)})
+    with pytest.raises(InvalidArgumentError, match="modified by an inplace operation"):
+        m.backward(forward_id=fwd.forward_id, target=torch.zeros(3, 1))
+    # Local autograd refuses the same sequence.
+    net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
+    out = net(torch.ones(3, 2))
+    with torch.no_grad():
+        net[2].weight.zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        nn.functional.mse_loss(out, torch.zeros(3, 1)).backward()
+    # A new Forward works.
+    assert m.backward(torch.ones(3, 2), torch.zeros(3, 1)).loss is not None
+    _alive(client)
+
+
+def test_expression_parameters_are_in_name_order(client: Client) -> None:
+    """A proto map has no order: the parameters (optimizer, state_dict, clip_grad_norm's sum)
+    are in name order, whatever order the caller wrote them in."""
+    m = client.create_model(expression="sum(z * x + a * x + m)", inputs=["x"],
+                            parameters={"z": 1.0, "m": 2.0, "a": 3.0})
+    assert [p.name for p in m.info.parameters] == ["a", "m", "z"]
+    assert list(m.parameters()) == ["a", "m", "z"]

@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-
 from gradserve import (
     Client,
     DeadlineExceededError,
@@ -19,6 +17,7 @@ from gradserve import (
     InvalidArgumentError,
     NotFoundError,
 )
+from torch import nn
 
 LINEAR = [{"type": "Linear", "in_features": 2, "out_features": 1}]
 
@@ -161,6 +160,130 @@ def test_objective_train_max_steps(client: Client) -> None:
         list(e.train())
 
 
+def test_objective_stops_at_its_first_value_below_stop_loss(client: Client) -> None:
+    """The local equivalent is `while f() >= stop_loss: step`; final_loss is the last f."""
+    e = client.create_model(expression="(x - 3)**2", parameters={"x": 0.0},
+                            optimizer={"type": "sgd", "lr": 0.1})
+    done = list(e.train(max_steps=1000, stop_loss=0.01))[-1]
+    x = torch.tensor(0.0, requires_grad=True)
+    opt = torch.optim.SGD([x], lr=0.1)
+    values = []
+    while True:
+        f = (x - 3) ** 2
+        values.append(f.item())
+        if f.item() < 0.01:
+            break
+        f.backward()
+        opt.step()
+        opt.zero_grad()
+    assert done.summary.stop_reason == "stop_loss"
+    assert done.summary.steps == len(values) - 1 < 1000
+    assert done.summary.final_loss == values[-1]
+    assert torch.equal(e.parameters()["x"], x.detach())
+
+
+def test_objective_final_loss_is_its_last_value_and_max_steps_counts_steps(
+        client: Client) -> None:
+    e = client.create_model(expression="(x - 3)**2", parameters={"x": 0.0},
+                            optimizer={"type": "sgd", "lr": 0.1})
+    done = list(e.train(max_steps=4, accumulation_steps=3))[-1]
+    x = torch.tensor(0.0, requires_grad=True)
+    opt = torch.optim.SGD([x], lr=0.1)
+    for _ in range(4):
+        for _ in range(3):
+            f = (x - 3) ** 2
+            (f / 3).backward()
+        opt.step()
+        opt.zero_grad()
+    assert done.summary.steps == 4 and done.summary.stop_reason == "max_steps"
+    assert done.summary.final_loss == f.item()
+    assert torch.equal(e.parameters()["x"], x.detach())
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_validation_loss_with_ignore_index_is_the_whole_sets_loss(client: Client,
+                                                                  weighted: bool) -> None:
+    g = torch.Generator().manual_seed(4)
+    X, Xv = torch.randn(20, 3, generator=g), torch.randn(23, 3, generator=g)
+    y = torch.randint(0, 4, (20,), generator=g)
+    yv = torch.randint(0, 4, (23,), generator=g)
+    yv[torch.tensor([0, 1, 2, 5, 6, 11])] = -1  # ignored targets, unevenly spread over batches
+    weight = [0.5, 1.0, 2.0, 3.0]
+    loss: dict[str, Any] = {"type": "cross_entropy", "ignore_index": -1}
+    if weighted:
+        loss["weight"] = weight
+    layers = [{"type": "Linear", "in_features": 3, "out_features": 4}]
+    m = client.create_model(layers=layers, loss=loss, optimizer={"type": "sgd", "lr": 0.0},
+                            seed=2)
+    torch.manual_seed(2)
+    net = nn.Linear(3, 4)
+    with torch.no_grad():
+        whole = nn.functional.cross_entropy(
+            net(Xv), yv, ignore_index=-1,
+            weight=torch.tensor(weight) if weighted else None).item()
+    for batch_size in (3, 7, 0):
+        event = next(e for e in m.train(X, y, epochs=1, batch_size=batch_size,
+                                    validation=(Xv, yv)) if e.kind == "epoch_end")
+        assert event.val_loss == pytest.approx(whole, rel=1e-6, abs=0), batch_size
+
+
+def test_cosine_t_max_defaults_to_the_steps_after_warmup(client: Client) -> None:
+    X, y = synthetic(60)
+    m = client.create_model(layers=LINEAR, loss="mse", optimizer={"type": "sgd", "lr": 0.1},
+                            seed=0)
+    events = list(m.train(X, y, epochs=2, batch_size=6, log_every_steps=1,
+                          schedule={"type": "cosine", "eta_min": 0.01, "warmup_steps": 3}))
+    opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20 - 3, eta_min=0.01)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cosine], milestones=[3])
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [e.learning_rate for e in events if e.kind == "progress"] == lrs
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)  # eta_min after the last step
+    assert m.optimizer_state().param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_train_stream_cosine_needs_t_max(client: Client) -> None:
+    m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+    X, y = synthetic(10)
+    with pytest.raises(InvalidArgumentError, match="t_max"):
+        list(m.train_stream([(X, y)], schedule="cosine"))
+    results = list(m.train_stream([(X, y)], schedule={"type": "cosine", "t_max": 4}))
+    assert len(results) == 1
+
+
+def test_skipped_last_batch_still_applies_the_pending_accumulation(client: Client) -> None:
+    X, y = synthetic(50)
+    y[45] = float("nan")  # in the epoch's last batch (5 batches of 10)
+    m = client.create_model(layers=LINEAR, loss="mse", optimizer={"type": "sgd", "lr": 0.1},
+                            seed=0)
+    done = list(m.train(X, y, epochs=2, batch_size=10, accumulation_steps=3,
+                        skip_nonfinite=True))[-1]
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _epoch in range(2):
+        pending = 0
+        for i, s in enumerate(range(0, 50, 10)):
+            loss = nn.functional.mse_loss(net(X[s:s + 10]), y[s:s + 10])
+            if loss.isfinite():
+                (loss / 3).backward()
+                pending += 1
+            if pending and (pending == 3 or i == 4):
+                opt.step()
+                opt.zero_grad()
+                pending = 0
+    assert done.summary.skipped_batches == 2 and done.summary.steps == 4
+    assert m.grads() == {}  # nothing left for the next Step() to apply
+    params = m.parameters()
+    assert torch.equal(params["0.weight"], net.weight.detach())
+    assert torch.equal(params["0.bias"], net.bias.detach())
+
+
 def test_non_finite_loss_stops_or_skips(client: Client) -> None:
     X, y = synthetic(100)
     X[30] = float("nan")
@@ -241,7 +364,7 @@ def test_uploaded_dataset_equals_inline(client: Client) -> None:
     assert info.dataset_id == "lin" and info.num_samples == 500
     assert info.num_bytes >= X.numel() * 4 + y.numel() * 4
     assert [d.dataset_id for d in client.list_datasets()] == ["lin"]
-    spec = dict(layers=LINEAR, loss="mse", optimizer={"type": "sgd", "lr": 0.03}, seed=0)
+    spec = {"layers": LINEAR, "loss": "mse", "optimizer": {"type": "sgd", "lr": 0.03}, "seed": 0}
     a, b = client.create_model(**spec), client.create_model(**spec)
     ea = list(a.train(dataset="lin", epochs=2, batch_size=10, shuffle=True))
     eb = list(b.train(X, y, epochs=2, batch_size=10, shuffle=True))
@@ -311,6 +434,31 @@ def test_progress_bar_shows_loss(client: Client, capsys: Any) -> None:
     list(m.train(X, y, epochs=2, batch_size=10, progress=True, log_every_steps=5))
     err = capsys.readouterr().err
     assert "20/20" in err and "loss=" in err
+
+
+@pytest.mark.parametrize(("options", "total"), [
+    ({"epochs": 2, "batch_size": 10}, 22),                           # 103 samples: 11 batches
+    ({"epochs": 3, "batch_size": 10, "drop_last": True}, 30),
+    ({"max_steps": 25, "batch_size": 10}, 25),                       # epochs from max_steps
+    ({"epochs": 3, "max_steps": 5, "batch_size": 10}, 5),
+    ({"epochs": 2, "batch_size": 10, "accumulation_steps": 3}, 8),   # ceil(11 / 3) per epoch
+])
+def test_every_event_reports_the_runs_total_steps(client: Client, options: dict[str, Any],
+                                                  total: int) -> None:
+    X, y = synthetic(103)
+    dataset = client.upload_dataset(X, y).dataset_id  # the client does not see the data
+    m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+    events = list(m.train(dataset=dataset, log_every_steps=1, **options))
+    assert {e.total_steps for e in events} == {total}
+    assert events[-1].summary.steps == total
+
+
+def test_progress_bar_total_comes_from_the_server(client: Client, capsys: Any) -> None:
+    X, y = synthetic(100)
+    dataset = client.upload_dataset(X, y).dataset_id
+    m = client.create_model(layers=LINEAR, loss="mse", seed=0)
+    list(m.train(dataset=dataset, epochs=3, batch_size=10, progress=True))
+    assert "30/30" in capsys.readouterr().err
 
 
 def test_concurrent_trains_on_two_models(client: Client) -> None:

@@ -13,38 +13,80 @@ gradserve.io reads and writes arrays and tensors in .npy/.npz/.csv/.safetensors 
 `gradserve` command (gradserve.cli) drives a server from a shell.
 """
 
-from .aio import AsyncClient, AsyncRemoteModel, AsyncTrainRun
-from .client import Client, TrainRun
-from .errors import (
-    AlreadyExistsError,
-    CancelledError,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    GradServeError,
-    InternalError,
-    InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    TensorArgumentError,
-    UnauthenticatedError,
-    UnavailableError,
-)
-from .history import History
-from .model import RemoteModel
-from .results import (
-    BackwardResult,
-    CheckpointInfo,
-    DatasetInfo,
-    ForwardResult,
-    ModelInfo,
-    ParameterInfo,
-    ServerInfo,
-    StreamStep,
-    TrainEvent,
-    TrainSummary,
-)
-from .tuning import tune_malloc
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .aio import AsyncClient, AsyncRemoteModel, AsyncTrainRun
+    from .client import Client, TrainRun
+    from .errors import (
+        AlreadyExistsError,
+        CancelledError,
+        DeadlineExceededError,
+        FailedPreconditionError,
+        GradServeError,
+        InternalError,
+        InvalidArgumentError,
+        NotFoundError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        TensorArgumentError,
+        UnauthenticatedError,
+        UnavailableError,
+    )
+    from .history import History
+    from .model import RemoteModel
+    from .results import (
+        BackwardResult,
+        CheckpointInfo,
+        DatasetInfo,
+        ForwardResult,
+        ModelInfo,
+        OptimizerState,
+        ParameterInfo,
+        ServerInfo,
+        StreamStep,
+        TrainEvent,
+        TrainSummary,
+    )
+    from .tuning import tune_malloc
+
+# Public name -> the submodule that defines it, imported on first use (PEP 562): importing a
+# plain-data module such as gradserve.results or gradserve.codec (the server does) then loads
+# neither grpc nor the clients.
+_WHERE = {
+    **dict.fromkeys(("AsyncClient", "AsyncRemoteModel", "AsyncTrainRun"), "aio"),
+    **dict.fromkeys(("Client", "TrainRun"), "client"),
+    **dict.fromkeys((
+        "AlreadyExistsError", "CancelledError", "DeadlineExceededError",
+        "FailedPreconditionError", "GradServeError", "InternalError", "InvalidArgumentError",
+        "NotFoundError", "PermissionDeniedError", "ResourceExhaustedError",
+        "TensorArgumentError", "UnauthenticatedError", "UnavailableError"), "errors"),
+    "History": "history",
+    "RemoteModel": "model",
+    **dict.fromkeys((
+        "BackwardResult", "CheckpointInfo", "DatasetInfo", "ForwardResult", "ModelInfo",
+        "OptimizerState", "ParameterInfo", "ServerInfo", "StreamStep", "TrainEvent",
+        "TrainSummary"),
+        "results"),
+    "tune_malloc": "tuning",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __version__ = "0.1.0"
 
@@ -52,7 +94,7 @@ __all__ = [
     "AlreadyExistsError", "AsyncClient", "AsyncRemoteModel", "AsyncTrainRun", "BackwardResult",
     "CancelledError", "CheckpointInfo", "Client", "DatasetInfo", "DeadlineExceededError",
     "FailedPreconditionError", "ForwardResult", "GradServeError", "History", "InternalError",
-    "InvalidArgumentError", "ModelInfo", "NotFoundError", "ParameterInfo",
+    "InvalidArgumentError", "ModelInfo", "NotFoundError", "OptimizerState", "ParameterInfo",
     "PermissionDeniedError", "RemoteModel", "ResourceExhaustedError", "ServerInfo", "StreamStep",
     "TensorArgumentError", "TrainEvent", "TrainRun", "TrainSummary", "UnauthenticatedError",
     "UnavailableError", "tune_malloc",

@@ -7,7 +7,7 @@ call; clients only differ in how they run a Program (blocking or awaiting).
 
 from __future__ import annotations
 
-import math
+import operator
 import time
 import uuid
 from collections.abc import (
@@ -29,16 +29,24 @@ from google.protobuf import struct_pb2
 
 from . import _channel, codec, routing, wire
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
-from .errors import GradServeError, NotFoundError, TensorArgumentError, from_rpc_error
+from .errors import (
+    GradServeError,
+    InvalidArgumentError,
+    NotFoundError,
+    TensorArgumentError,
+    from_rpc_error,
+)
 from .results import (
     BackwardResult,
     DatasetInfo,
     ForwardResult,
     ModelInfo,
+    OptimizerState,
     Tensor,
     TrainEvent,
     dataset_info,
     model_info,
+    optimizer_state,
     train_event,
 )
 
@@ -247,20 +255,21 @@ def _refused(value: Any, what: str, exc: Exception) -> TensorArgumentError:
     return TensorArgumentError(f"{what}: cannot send {type(value).__name__} as a tensor: {exc}")
 
 
-def tensor(value: Any, what: str = "tensor") -> pb.Tensor:
-    """The wire Tensor of value; TensorArgumentError naming `what` if it cannot be one."""
+def tensor(value: Any, what: str = "tensor", floats: str = "float32") -> pb.Tensor:
+    """The wire Tensor of value; TensorArgumentError naming `what` if it cannot be one.
+    floats: the dtype of Python floats (a model's dtype for what is sent to it)."""
     try:
-        return codec.encode(value)
+        return codec.encode(value, floats=floats)
     except (TypeError, ValueError) as exc:  # CodecError is a ValueError
         raise _refused(value, what, exc) from None
 
 
-def tensor_part(value: Any, what: str, payloads: dict[Any, Any], path: tuple[Any, ...]
-                ) -> pb.Tensor:
+def tensor_part(value: Any, what: str, payloads: dict[Any, Any], path: tuple[Any, ...],
+                floats: str = "float32") -> pb.Tensor:
     """tensor(), but a large payload goes into payloads[path] (a zero-copy view, see
     gradserve.wire)."""
     try:
-        msg, payload = codec.encode_parts(value, minimum=wire.MIN_PAYLOAD)
+        msg, payload = codec.encode_parts(value, minimum=wire.MIN_PAYLOAD, floats=floats)
     except (TypeError, ValueError) as exc:
         raise _refused(value, what, exc) from None
     if payload is not None:
@@ -268,17 +277,40 @@ def tensor_part(value: Any, what: str, payloads: dict[Any, Any], path: tuple[Any
     return msg
 
 
-def tensors(values: Any, what: str) -> list[pb.Tensor]:
+def tensors(values: Any, what: str, floats: str = "float32") -> list[pb.Tensor]:
     """None -> [], a tuple -> several inputs, anything else -> one input."""
     if values is None:
         return []
     if isinstance(values, tuple):
-        return [tensor(v, f"{what}[{i}]") for i, v in enumerate(values)]
-    return [tensor(values, what)]
+        return [tensor(v, f"{what}[{i}]", floats) for i, v in enumerate(values)]
+    return [tensor(values, what, floats)]
 
 
-def named(values: Mapping[str, Any] | None, what: str) -> dict[str, pb.Tensor]:
-    return {k: tensor(v, f"{what}[{k}]") for k, v in (values or {}).items()}
+def named(values: Mapping[str, Any] | None, what: str,
+          floats: str | Mapping[str, str] = "float32") -> dict[str, pb.Tensor]:
+    """name -> wire Tensor; floats: one dtype for Python floats, or one per name."""
+    def dtype(name: str) -> str:
+        return floats if isinstance(floats, str) else floats.get(name, "float32")
+
+    return {k: tensor(v, f"{what}[{k}]", dtype(k)) for k, v in (values or {}).items()}
+
+
+# torch.manual_seed's range; it maps a negative seed s to s + 2**64, which the uint64 fields of
+# the proto carry.
+SEEDS = (-(2**63), 2**64 - 1)
+
+
+def seed_field(value: Any, what: str) -> int:
+    """A seed as torch takes it -> the proto's uint64 (InvalidArgumentError naming `what`
+    outside torch's range)."""
+    try:
+        seed = operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"{what}: {value!r} is not an integer") from None
+    if not SEEDS[0] <= seed <= SEEDS[1]:
+        raise InvalidArgumentError(f"{what}: {seed} is outside torch's seed range "
+                                   "[-2**63, 2**64 - 1]")
+    return seed % 2**64
 
 
 def decode_named(msgs: Mapping[str, pb.Tensor], order: Sequence[str] = ()) -> dict[str, Tensor]:
@@ -321,6 +353,7 @@ def create_model(
 ) -> Op[ModelInfo]:
     """Create a model from layers=, expression=, plugin=, module= or exported= (docs/models.md "Model
     specs"; exported models: docs/exported.md)."""
+    floats = codec.dtype_name(codec.dtype_wire(dtype))  # Python floats: the model's dtype
     given = [x is not None for x in (layers, expression, plugin, module, exported)]
     if sum(given) != 1:
         raise ValueError("give exactly one of layers=, expression=, plugin=, module= or "
@@ -346,7 +379,8 @@ def create_model(
         spec.expression.expression = expression
         spec.expression.inputs.extend(inputs)
         for name, value in (parameters or {}).items():
-            spec.expression.parameters[name].CopyFrom(tensor(value, f"parameters[{name}]"))
+            spec.expression.parameters[name].CopyFrom(
+                tensor(value, f"parameters[{name}]", floats))
         if trainable is not None:
             unknown = set(trainable) - set(parameters or {})
             if unknown:
@@ -366,18 +400,18 @@ def create_model(
         spec.optimizer.type = cfg.pop("type", "sgd")
         spec.optimizer.params.CopyFrom(struct(cfg))
     if seed is not None:
-        spec.seed = seed
-    for name, value in named(initial_parameters, "initial_parameters").items():
+        spec.seed = seed_field(seed, "seed")
+    for name, value in named(initial_parameters, "initial_parameters", floats).items():
         spec.initial_parameters[name].CopyFrom(value)
     return Op("CreateModel", pb.CreateModelRequest(model_id=model_id, spec=spec), model_info)
 
 
-def forward(model_id: str, inputs: Sequence[Any], retain_graph: bool, eval_mode: bool
-            ) -> Op[Tensor | ForwardResult]:
+def forward(model_id: str, inputs: Sequence[Any], retain_graph: bool, eval_mode: bool,
+            floats: str = "float32") -> Op[Tensor | ForwardResult]:
     payloads: dict[Any, Any] = {}
     req = wire.framed(pb.ForwardRequest(
         model_id=model_id, retain_graph=retain_graph, eval_mode=eval_mode,
-        inputs=[tensor_part(x, f"inputs[{i}]", payloads, ("inputs", i))
+        inputs=[tensor_part(x, f"inputs[{i}]", payloads, ("inputs", i), floats)
                 for i, x in enumerate(inputs)]), payloads)
     if retain_graph:
         return Op("Forward", req, lambda r: ForwardResult(outputs(r), r.forward_id))
@@ -393,24 +427,24 @@ def outputs(r: Any) -> Any:
 
 def backward(model_id: str, order: Sequence[str], inputs: Any = None, target: Any = None, *,
              forward_id: str = "", grad_output: Any = None, return_grads: bool = False,
-             return_input_grads: bool = False, step: bool = False, return_output: bool = False
-             ) -> Op[BackwardResult]:
+             return_input_grads: bool = False, step: bool = False, return_output: bool = False,
+             floats: str = "float32") -> Op[BackwardResult]:
     payloads: dict[Any, Any] = {}
     xs = () if inputs is None else inputs if isinstance(inputs, tuple) else (inputs,)
     msg = pb.BackwardRequest(
         model_id=model_id, forward_id=forward_id,
         inputs=[tensor_part(x, f"inputs[{i}]" if isinstance(inputs, tuple) else "inputs",
-                            payloads, ("inputs", i)) for i, x in enumerate(xs)],
+                            payloads, ("inputs", i), floats) for i, x in enumerate(xs)],
         return_grads=return_grads, return_input_grads=return_input_grads, step=step,
         return_output=return_output, request_id=request_id())
     if target is not None:
-        msg.target.CopyFrom(tensor_part(target, "target", payloads, ("target",)))
+        msg.target.CopyFrom(tensor_part(target, "target", payloads, ("target",), floats))
     if isinstance(grad_output, tuple):  # one per output of a multi-output model
-        msg.grad_outputs.extend(tensor_part(g, f"grad_output[{i}]", payloads, ("grad_outputs", i))
-                                for i, g in enumerate(grad_output))
+        msg.grad_outputs.extend(tensor_part(g, f"grad_output[{i}]", payloads, ("grad_outputs", i),
+                                            floats) for i, g in enumerate(grad_output))
     elif grad_output is not None:
         msg.grad_output.CopyFrom(tensor_part(grad_output, "grad_output", payloads,
-                                             ("grad_output",)))
+                                             ("grad_output",), floats))
     req = wire.framed(msg, payloads)
 
     def decode(r: pb.BackwardResponse) -> BackwardResult:
@@ -450,22 +484,33 @@ def get_parameters(model_id: str, order: Sequence[str], names: Sequence[str] = (
     return Op("GetParameters", req, decode)
 
 
-def set_parameters(model_id: str, values: Mapping[str, Any]) -> Op[None]:
-    req = pb.SetParametersRequest(model_id=model_id, parameters=named(values, "parameters"),
+def get_optimizer_state(model_id: str, order: Sequence[str], names: Sequence[str] = ()
+                        ) -> Op[OptimizerState]:
+    req = pb.GetParametersRequest(model_id=model_id, names=list(names),
+                                  include_optimizer_state=True)
+    return Op("GetParameters", req, lambda r: optimizer_state(r, order))
+
+
+def set_parameters(model_id: str, values: Mapping[str, Any],
+                   dtypes: Mapping[str, str] | None = None) -> Op[None]:
+    """dtypes: each parameter's dtype, which Python floats given for it take."""
+    req = pb.SetParametersRequest(model_id=model_id,
+                                  parameters=named(values, "parameters", dtypes or {}),
                                   request_id=request_id())
     return Op("SetParameters", req, lambda r: None)
 
 
-def _data(inputs: Any, target: Any, dataset: str | None, what: str) -> pb.DataSource:
+def _data(inputs: Any, target: Any, dataset: str | None, what: str,
+          floats: str = "float32") -> pb.DataSource:
     if dataset is not None:
         if inputs is not None or target is not None:
             raise ValueError(f"{what}: give arrays or a dataset id, not both")
         return pb.DataSource(dataset_id=dataset)
     if inputs is None and target is None:
         return pb.DataSource()
-    inline = pb.InlineData(inputs=tensors(inputs, f"{what}.inputs"))
+    inline = pb.InlineData(inputs=tensors(inputs, f"{what}.inputs", floats))
     if target is not None:
-        inline.target.CopyFrom(tensor(target, f"{what}.target"))
+        inline.target.CopyFrom(tensor(target, f"{what}.target", floats))
     return pb.DataSource(inline=inline)
 
 
@@ -479,22 +524,13 @@ def schedule(spec: str | Mapping[str, Any] | None) -> pb.ScheduleSpec:
                            params=struct(cfg))
 
 
-def num_samples(inputs: Any, target: Any) -> int | None:
-    first = inputs[0] if isinstance(inputs, tuple) else inputs
-    first = target if first is None else first
-    shape = getattr(first, "shape", None)
-    if shape is None and first is not None:
-        shape = np.shape(first)
-    return int(shape[0]) if shape else None
-
-
 @dataclass(frozen=True)
 class TrainCall:
-    """A Train run to start: the request, the steps it will take (for the progress bar, if
-    knowable), whether to draw the bar (None: when stdout is a terminal) and its deadline."""
+    """A Train run to start: the request, whether to draw a progress bar (None: when stdout is
+    a terminal; its total is the run's total_steps, which the server reports) and its
+    deadline."""
 
     op: Op[TrainEvent]
-    total: int | None
     progress: bool | None
     timeout: float | None
 
@@ -506,71 +542,60 @@ def train(model_id: str, inputs: Any = None, target: Any = None, *, dataset: str
           clip_grad_norm: float = 0.0, schedule_: str | Mapping[str, Any] | None = None,
           log_every_steps: int = 0, skip_nonfinite: bool = False,
           checkpoint_every_steps: int = 0, progress: bool | None = None,
-          timeout: float | None = None) -> TrainCall:
+          timeout: float | None = None, floats: str = "float32") -> TrainCall:
     opts = pb.TrainOptions(
-        epochs=epochs, max_steps=max_steps, batch_size=batch_size, shuffle=shuffle, seed=seed,
+        epochs=epochs, max_steps=max_steps, batch_size=batch_size, shuffle=shuffle,
+        seed=seed_field(seed, "seed"),
         drop_last=drop_last, accumulation_steps=accumulation_steps,
         clip_grad_norm=clip_grad_norm, schedule=schedule(schedule_),
         log_every_steps=log_every_steps, skip_nonfinite=skip_nonfinite)
     if stop_loss is not None:
         opts.stop_loss = stop_loss
-    req = pb.TrainRequest(model_id=model_id, data=_data(inputs, target, dataset, "data"),
+    req = pb.TrainRequest(model_id=model_id,
+                          data=_data(inputs, target, dataset, "data", floats),
                           options=opts, checkpoint_every_steps=checkpoint_every_steps)
     if isinstance(validation, str):
         req.validation.CopyFrom(_data(None, None, validation, "validation"))
     elif validation is not None:
-        req.validation.CopyFrom(_data(validation[0], validation[1], None, "validation"))
-    total = steps_per_run(num_samples(inputs, target), epochs, max_steps, batch_size, drop_last,
-                          accumulation_steps)
-    return TrainCall(Op("Train", req, train_event), total, progress, timeout)
-
-
-def steps_per_run(n: int | None, epochs: int, max_steps: int, batch_size: int, drop_last: bool,
-                  accumulation_steps: int) -> int | None:
-    """Optimizer steps a Train run will take (for the progress bar), if knowable."""
-    if n is None:
-        return max_steps or None
-    bs = batch_size or n
-    batches = n // bs if drop_last else math.ceil(n / bs)
-    per_epoch = math.ceil(batches / max(1, accumulation_steps))
-    total = per_epoch * (epochs or (math.ceil(max_steps / per_epoch) if max_steps else 1))
-    return min(total, max_steps) if max_steps else total
+        req.validation.CopyFrom(_data(validation[0], validation[1], None, "validation", floats))
+    return TrainCall(Op("Train", req, train_event), progress, timeout)
 
 
 def train_stream_requests(
     model_id: str, batches: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]],
-    clip_grad_norm: float, schedule_: str | Mapping[str, Any] | None, skip_nonfinite: bool
+    clip_grad_norm: float, schedule_: str | Mapping[str, Any] | None, skip_nonfinite: bool,
+    floats: str = "float32"
 ) -> Iterator[pb.TrainStreamRequest] | AsyncIterator[pb.TrainStreamRequest]:
     """Config, then one request per batch; async batches (AsyncClient) give async requests."""
     config = pb.TrainStreamRequest(config=pb.TrainStreamConfig(
         model_id=model_id, clip_grad_norm=clip_grad_norm, schedule=schedule(schedule_),
         skip_nonfinite=skip_nonfinite))
     if isinstance(batches, AsyncIterable):
-        return _async_stream_requests(config, batches)
-    return _stream_requests(config, batches)
+        return _async_stream_requests(config, batches, floats)
+    return _stream_requests(config, batches, floats)
 
 
-def _stream_batch(i: int, x: Any, y: Any) -> pb.TrainStreamRequest:
-    batch = pb.InlineData(inputs=tensors(x, f"batch[{i}].inputs"))
+def _stream_batch(i: int, x: Any, y: Any, floats: str) -> pb.TrainStreamRequest:
+    batch = pb.InlineData(inputs=tensors(x, f"batch[{i}].inputs", floats))
     if y is not None:
-        batch.target.CopyFrom(tensor(y, f"batch[{i}].target"))
+        batch.target.CopyFrom(tensor(y, f"batch[{i}].target", floats))
     return pb.TrainStreamRequest(batch=batch)
 
 
-def _stream_requests(config: pb.TrainStreamRequest, batches: Iterable[tuple[Any, Any]]
-                     ) -> Iterator[pb.TrainStreamRequest]:
+def _stream_requests(config: pb.TrainStreamRequest, batches: Iterable[tuple[Any, Any]],
+                     floats: str) -> Iterator[pb.TrainStreamRequest]:
     yield config
     for i, (x, y) in enumerate(batches):
-        yield _stream_batch(i, x, y)
+        yield _stream_batch(i, x, y, floats)
 
 
 async def _async_stream_requests(config: pb.TrainStreamRequest,
-                                 batches: AsyncIterable[tuple[Any, Any]]
+                                 batches: AsyncIterable[tuple[Any, Any]], floats: str
                                  ) -> AsyncIterator[pb.TrainStreamRequest]:
     yield config
     i = 0
     async for x, y in batches:
-        yield _stream_batch(i, x, y)
+        yield _stream_batch(i, x, y, floats)
         i += 1
 
 

@@ -166,6 +166,7 @@ class AsyncRemoteModel(ModelCalls):
     zero_grad = awaiting(ModelCalls._zero_grad)
     parameters = awaiting(ModelCalls._parameters)
     grads = awaiting(ModelCalls._grads)
+    optimizer_state = awaiting(ModelCalls._optimizer_state)
     set_parameters = awaiting(ModelCalls._set_parameters)
     train = async_train(ModelCalls._train)
     fit = async_fit(ModelCalls._train)
@@ -283,7 +284,7 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
         progress = sys.stdout.isatty() if call.progress is None else call.progress
         stream = self._stub_for(call.op.request.model_id).Train(
             call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return AsyncTrainRun(stream, call.total, progress, call.op.request.model_id)
+        return AsyncTrainRun(stream, progress, call.op.request.model_id)
 
     @staticmethod
     async def _fit(run: AsyncTrainRun) -> History:

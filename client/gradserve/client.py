@@ -31,9 +31,8 @@ class _RunState:
 
     _how = "iterate it (for event in model.train(...)) or call model.fit(...)"
 
-    def __init__(self, call: Any, total: int | None, progress: bool, model_id: str = "") -> None:
+    def __init__(self, call: Any, progress: bool, model_id: str = "") -> None:
         self._call = call
-        self._total = total
         self._progress = progress
         self._model_id = model_id
         self._cancelled = False
@@ -43,7 +42,7 @@ class _RunState:
 
     def _open(self) -> None:
         self._handled = True
-        self._pbar = _bar(self._total) if self._progress else None
+        self._pbar = _bar() if self._progress else None
 
     def _warn_unused(self) -> None:
         """The run is being dropped: say so if nobody iterated it (a bare `m.train(...)`
@@ -114,13 +113,15 @@ class TrainRun(_RunState):
         self.cancel()  # what grpc would do as the call goes away: now, not at its collection
 
 
-def _bar(total: int | None) -> Any:
+def _bar() -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="step", desc="train", dynamic_ncols=True)
+    return tqdm(unit="step", desc="train", dynamic_ncols=True)
 
 
 def _advance(bar: Any, event: TrainEvent) -> None:
+    if event.total_steps and bar.total != event.total_steps:  # the server's count of the run
+        bar.total = event.total_steps
     bar.update(max(0, event.run_step - bar.n))
     bar.set_postfix(loss=f"{event.epoch_loss:.4g}", refresh=event.kind == "done")
 
@@ -251,7 +252,7 @@ class Client(ClientCalls[RemoteModel]):
         progress = sys.stdout.isatty() if call.progress is None else call.progress
         stream = self._stub_for(call.op.request.model_id).Train(
             call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return TrainRun(stream, call.total, progress, call.op.request.model_id)
+        return TrainRun(stream, progress, call.op.request.model_id)
 
     @staticmethod
     def _fit(run: TrainRun) -> History:

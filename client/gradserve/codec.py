@@ -158,37 +158,43 @@ def _check_length(entry: _DType, shape: tuple[int, ...], data: Any, what: str,
 # ------------------------------------------------------------------------------------ encode
 
 
-def encode(value: ArrayLike, *, dtype: str | None = None) -> pb.Tensor:
+def encode(value: ArrayLike, *, dtype: str | None = None, floats: str = "float32"
+           ) -> pb.Tensor:
     """Encode a torch tensor, numpy array or Python scalar/list (optionally cast to dtype).
 
-    Python floats and lists of floats become float32 and ints int64, as torch.tensor does;
-    numpy arrays keep their dtype unless dtype is given.
+    Python floats and lists holding floats become `floats` (float32 by default, as
+    torch.tensor makes them; the SDK passes the model's dtype, so that 1.7 for a float64
+    model is the double 1.7) and ints int64, as torch.tensor(value, dtype=floats) does; numpy
+    arrays and torch tensors keep their dtype unless dtype is given.
     """
-    entry, arr = _contiguous(value, dtype)
+    entry, arr = _contiguous(value, dtype, floats)
     return pb.Tensor(dtype=entry.wire, shape=arr.shape, data=arr.tobytes())
 
 
-def encode_array(value: ArrayLike, *, dtype: str | None = None) -> tuple[pb.DType, np.ndarray]:
+def encode_array(value: ArrayLike, *, dtype: str | None = None, floats: str = "float32"
+                 ) -> tuple[pb.DType, np.ndarray]:
     """The wire dtype and the array whose bytes encode() would send (C-contiguous,
     little-endian, bf16 as its 16-bit pattern), without copying a value that already is one."""
-    entry, arr = _contiguous(value, dtype)
+    entry, arr = _contiguous(value, dtype, floats)
     return entry.wire, arr
 
 
-def encode_parts(value: ArrayLike, *, dtype: str | None = None, minimum: int = 0
-                 ) -> tuple[pb.Tensor, memoryview | None]:
+def encode_parts(value: ArrayLike, *, dtype: str | None = None, minimum: int = 0,
+                 floats: str = "float32") -> tuple[pb.Tensor, memoryview | None]:
     """Like encode, but a payload of at least `minimum` bytes is returned beside the message as
     a zero-copy view of the value's memory (the message then has no data). The value must not
     change until the view has been sent."""
-    entry, arr = _contiguous(value, dtype)
+    entry, arr = _contiguous(value, dtype, floats)
     if arr.nbytes < minimum or arr.nbytes == 0:
         return pb.Tensor(dtype=entry.wire, shape=arr.shape, data=arr.tobytes()), None
     view = arr.reshape(-1).view(np.uint8).data
     return pb.Tensor(dtype=entry.wire, shape=arr.shape), view
 
 
-def _contiguous(value: ArrayLike, dtype: str | None) -> tuple[_DType, np.ndarray]:
-    """The wire dtype and a C-contiguous little-endian array of value (bf16 as its bits)."""
+def _contiguous(value: ArrayLike, dtype: str | None, floats: str = "float32"
+                ) -> tuple[_DType, np.ndarray]:
+    """The wire dtype and a C-contiguous little-endian array of value (bf16 as its bits);
+    Python floats become `floats`."""
     if _TORCH.tensor(value):
         return _torch_array(value, dtype)  # type: ignore[arg-type]
     arr = np.asarray(value)
@@ -198,7 +204,7 @@ def _contiguous(value: ArrayLike, dtype: str | None) -> tuple[_DType, np.ndarray
     if not isinstance(value, np.ndarray) and dtype is None:
         if arr.dtype.kind == "u":  # Python ints numpy only fits in uint64
             raise CodecError("integers above 2**63 - 1 do not fit int64")
-        dtype = {"f": "float32", "i": "int64"}.get(arr.dtype.kind)
+        dtype = {"f": floats, "i": "int64"}.get(arr.dtype.kind)
     if dtype is not None:
         name = _valid_name(dtype)
         if name == "bfloat16":
@@ -206,7 +212,12 @@ def _contiguous(value: ArrayLike, dtype: str | None) -> tuple[_DType, np.ndarray
             if torch is None:
                 raise CodecError(f"encoding bfloat16 from numpy needs torch: {torch_hint()}")
             return _torch_array(torch.from_numpy(np.array(arr, dtype=np.float32)), name)
-        arr = arr.astype(_BY_NAME[name].numpy, copy=False)
+        if name == "float16" and arr.dtype == np.float64:
+            # As torch converts: double -> float -> half (numpy would round once, differently).
+            arr = arr.astype(np.float32)
+        # Out of range becomes inf (NaN to an int: whatever the cast gives), silently, as torch.
+        with np.errstate(over="ignore", invalid="ignore"):
+            arr = arr.astype(_BY_NAME[name].numpy, copy=False)
     entry = _BY_NUMPY.get((arr.dtype.kind, arr.dtype.itemsize))
     if entry is None:
         raise CodecError(f"unsupported dtype {arr.dtype}: cast to one of {DTYPE_NAMES}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec,
 
 from grpc_health.v1 import health_pb2
 
-from . import _ops, routing
+from . import _ops, codec, routing
 from ._ops import Op, TrainCall
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
 from .errors import GradServeError
@@ -26,6 +26,7 @@ from .results import (
     DatasetInfo,
     ForwardResult,
     ModelInfo,
+    OptimizerState,
     ServerInfo,
     StreamStep,
     Tensor,
@@ -128,6 +129,11 @@ class ModelCalls:
     def _order(self) -> list[str]:
         return [p.name for p in self.info.parameters]
 
+    @property
+    def _floats(self) -> str:
+        """The model's dtype: what Python floats sent to it become (torch.tensor(v, dtype=))."""
+        return codec.dtype_name(self.info.spec.dtype or pb.DTYPE_FLOAT32)
+
     def _update(self, msg: pb.ModelInfo) -> ModelInfo:
         self.info = model_info(msg)
         return self.info
@@ -143,7 +149,7 @@ class ModelCalls:
 
     def _forward(self, inputs: Sequence[Any], retain_graph: bool, eval_mode: bool
                  ) -> Op[Tensor | ForwardResult]:
-        return _ops.forward(self.id, inputs, retain_graph, eval_mode)
+        return _ops.forward(self.id, inputs, retain_graph, eval_mode, self._floats)
 
     def _backward(self, inputs: Any = None, target: Any = None, *, forward_id: str = "",
                   grad_output: Any = None, return_grads: bool = False,
@@ -154,7 +160,7 @@ class ModelCalls:
         return _ops.backward(
             self.id, self._order, inputs, target, forward_id=forward_id, grad_output=grad_output,
             return_grads=return_grads, return_input_grads=return_input_grads, step=step,
-            return_output=return_output)
+            return_output=return_output, floats=self._floats)
 
     def _step(self, keep_grad: bool = False) -> Op[int]:
         """optimizer.step(), then zero the gradients unless keep_grad; returns the step count."""
@@ -173,9 +179,16 @@ class ModelCalls:
         """name -> accumulated gradient (parameters without one are absent)."""
         return _ops.get_parameters(self.id, self._order, names, "grads")
 
+    def _optimizer_state(self, names: Sequence[str] = ()) -> Op[OptimizerState]:
+        """The optimizer's state: per parameter (of names, or every one the optimizer has
+        stepped) and its parameter groups' hyper-parameters."""
+        return _ops.get_optimizer_state(self.id, self._order, names)
+
     def _set_parameters(self, values: Mapping[str, Any]) -> Op[None]:
         """Overwrite parameters/buffers in place (any subset); optimizer state is kept."""
-        return _ops.set_parameters(self.id, values)
+        floating = ("float32", "float64", "float16", "bfloat16")
+        return _ops.set_parameters(self.id, values, {
+            p.name: p.dtype for p in self.info.parameters if p.dtype in floating})
 
     def _train(self, inputs: Any = None, target: Any = None, *, dataset: str | None = None,
                validation: tuple[Any, Any] | str | None = None, epochs: int = 0,
@@ -193,7 +206,7 @@ class ModelCalls:
                           schedule_=schedule, log_every_steps=log_every_steps,
                           skip_nonfinite=skip_nonfinite,
                           checkpoint_every_steps=checkpoint_every_steps, progress=progress,
-                          timeout=timeout)
+                          timeout=timeout, floats=self._floats)
 
     def _train_stream(self,
                       batches: Iterable[tuple[Any, Any]] | AsyncIterable[tuple[Any, Any]], *,
@@ -203,7 +216,7 @@ class ModelCalls:
         """Send (inputs, target) batches as they are produced; one step and one result each.
         With the AsyncClient, batches may also be an async iterable."""
         requests = _ops.train_stream_requests(self.id, batches, clip_grad_norm, schedule,
-                                              skip_nonfinite)
+                                              skip_nonfinite, self._floats)
         return requests, stream_step
 
     def _save_checkpoint(self, name: str = "") -> Op[CheckpointInfo]:
@@ -366,6 +379,7 @@ class RemoteModel(ModelCalls):
     zero_grad = blocking(ModelCalls._zero_grad)
     parameters = blocking(ModelCalls._parameters)
     grads = blocking(ModelCalls._grads)
+    optimizer_state = blocking(ModelCalls._optimizer_state)
     set_parameters = blocking(ModelCalls._set_parameters)
     train = blocking_train(ModelCalls._train)
     fit = blocking_fit(ModelCalls._train)

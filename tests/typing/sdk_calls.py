@@ -18,6 +18,7 @@ from gradserve import (
     ForwardResult,
     History,
     ModelInfo,
+    OptimizerState,
     RemoteModel,
     StreamStep,
     TrainEvent,
@@ -40,6 +41,8 @@ def sync_calls(client: Client, x: torch.Tensor, y: np.ndarray) -> None:
     assert_type(m.parameters(), dict[str, torch.Tensor])
     assert_type(m.grads(["0.weight"]), dict[str, torch.Tensor])
     assert_type(m.set_parameters({"0.bias": y}), None)
+    assert_type(m.optimizer_state(), OptimizerState)
+    assert_type(m.optimizer_state(["0.weight"]).state, dict[str, dict[str, torch.Tensor]])
     assert_type(m.refresh(), ModelInfo)
     assert_type(m.wait_idle(timeout=1.0), ModelInfo)
     assert_type(m.train(x, y, epochs=2, batch_size=4), TrainRun)
@@ -72,6 +75,7 @@ async def async_calls(client: AsyncClient, x: torch.Tensor, y: np.ndarray) -> No
     assert_type(await m.backward(x, y), BackwardResult)
     assert_type(await m.step(keep_grad=True), int)
     assert_type(await m.parameters(buffers=True), dict[str, torch.Tensor])
+    assert_type(await m.optimizer_state(), OptimizerState)
     assert_type(await m.refresh(), ModelInfo)
     assert_type(await m.wait_idle(), ModelInfo)
     assert_type(m.train(x, y, epochs=2), AsyncTrainRun)

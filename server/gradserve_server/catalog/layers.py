@@ -32,6 +32,9 @@ LAYERS: dict[str, type[nn.Module]] = {
     )
 }
 
+# Layers whose forward takes several tensors (a model starting with one takes as many inputs).
+INPUTS: dict[str, int] = {"Bilinear": 2}
+
 # Ranges of layer arguments by name (types come from the constructors' annotations): a size or
 # a stride of 0 or less builds a layer that cannot run, a negative padding or eps computes
 # nonsense.
@@ -74,8 +77,26 @@ def _check_window(kwargs: Mapping[str, Any], what: str) -> None:
                                       f"arguments are at most {MAX_WINDOW}")
 
 
+def layer_inputs(kind: str) -> int:
+    """The tensors a layer's forward takes."""
+    return INPUTS.get(kind, 1)
+
+
+class Layers(nn.Sequential):
+    """nn.Sequential whose first layer may take several inputs: layers[0](*inputs), then each
+    later layer on the previous output (the local equivalent of a layers model, README)."""
+
+    def forward(self, *inputs: Any) -> Any:
+        layers = iter(self)
+        out = next(layers)(*inputs)
+        for layer in layers:
+            out = layer(out)
+        return out
+
+
 def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
-    """nn.Sequential from [{"type": "Linear", "kwargs": {...}}, ...]; InvalidArgument if not allowed."""
+    """Layers (an nn.Sequential) from [{"type": "Linear", "kwargs": {...}}, ...]; InvalidArgument
+    if not allowed. A later layer that takes several inputs is refused: nothing could feed it."""
     if not layers:
         raise InvalidArgument("spec.layers: at least one layer is required")
     if len(layers) > MAX_LAYERS:
@@ -88,6 +109,10 @@ def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
         if cls is None:
             raise InvalidArgument(f"{what}: unknown layer type{suggest(kind, LAYERS)}; allowed: "
                                   f"{sorted(LAYERS)}")
+        if i and layer_inputs(kind) > 1:
+            raise InvalidArgument(f"{what}: takes {layer_inputs(kind)} inputs, so it can only be "
+                                  "the first layer (a later layer gets one tensor, the previous "
+                                  "layer's output)")
         kwargs = check_kwargs(cls.__init__, layer.get("kwargs", {}), what, bounds=BOUNDS)
         _check_window(kwargs, what)
         for key, value in kwargs.items():
@@ -101,4 +126,4 @@ def build_sequential(layers: Sequence[Mapping[str, Any]]) -> nn.Sequential:
         except (TypeError, ValueError, RuntimeError, AssertionError, ArithmeticError, LookupError,
                 AttributeError) as exc:
             raise InvalidArgument(f"{what}: {exc}") from None
-    return nn.Sequential(*modules)
+    return Layers(*modules)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.errors import InvalidArgument
-from .kwargs import NON_NEGATIVE, Bound, check_kwargs, suggest
+from .kwargs import MAX_FLOAT, NON_NEGATIVE, Bound, check_kwargs, suggest
 
 REDUCTIONS = ("mean", "sum")
 # Ranges by argument (types come from the loss classes' annotations); torch would accept a
@@ -25,6 +27,9 @@ class _LossType:
     # Elementwise losses need output and target of one shape; class losses take indices.
     elementwise: bool
     allowed: frozenset[str]
+    # Arguments that are tensors: sent as a number or a list of numbers, built on the server
+    # as torch.tensor(value, dtype=model dtype) (class weights, the positive-class weight).
+    tensors: frozenset[str] = frozenset()
 
 
 LOSSES: dict[str, _LossType] = {
@@ -34,11 +39,16 @@ LOSSES: dict[str, _LossType] = {
     "smooth_l1": _LossType(nn.SmoothL1Loss, True, frozenset({"beta"})),
     "huber": _LossType(nn.HuberLoss, True, frozenset({"delta"})),
     "cross_entropy": _LossType(nn.CrossEntropyLoss, False,
-                               frozenset({"ignore_index", "label_smoothing"})),
-    "nll": _LossType(nn.NLLLoss, False, frozenset({"ignore_index"})),
+                               frozenset({"ignore_index", "label_smoothing", "weight"}),
+                               frozenset({"weight"})),
+    "nll": _LossType(nn.NLLLoss, False, frozenset({"ignore_index", "weight"}),
+                     frozenset({"weight"})),
     "bce": _LossType(nn.BCELoss, True, frozenset()),
-    "bce_with_logits": _LossType(nn.BCEWithLogitsLoss, True, frozenset()),
+    "bce_with_logits": _LossType(nn.BCEWithLogitsLoss, True, frozenset({"pos_weight"}),
+                                 frozenset({"pos_weight"})),
 }
+# Most elements of a tensor argument (one per class): far beyond any classifier's classes.
+MAX_TENSOR_ARG = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,34 @@ class Loss:
     reduction: str
     module: nn.Module | None
     elementwise: bool
+    # The same loss with reduction "sum" (validation sums batches, then divides once).
+    sum_module: nn.Module | None = None
+    # Tensor arguments by name (weight, pos_weight), in the model's dtype and on its device.
+    tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    ignore_index: int = -100
+    # Copies of module and sum_module for other devices (the memory estimate's meta tensors).
+    _moved: dict[Any, tuple[nn.Module, nn.Module]] = field(default_factory=dict, repr=False)
 
     @property
     def needs_target(self) -> bool:
         return self.module is not None
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        return self._apply(output, target, summed=False)
+
+    def _modules(self, device: torch.device) -> tuple[nn.Module, nn.Module]:
+        assert self.module is not None and self.sum_module is not None
+        weights = next(iter(self.tensors.values()), None)
+        if weights is None or weights.device == device:
+            return self.module, self.sum_module
+        found = self._moved.get(device)
+        if found is None:
+            found = self._moved[device] = (copy.deepcopy(self.module).to(device),
+                                           copy.deepcopy(self.sum_module).to(device))
+        return found
+
+    def _apply(self, output: torch.Tensor, target: torch.Tensor | None, summed: bool
+               ) -> torch.Tensor:
         if self.module is None:
             if target is not None:
                 raise InvalidArgument(
@@ -77,26 +109,65 @@ class Loss:
             )
         if not self.elementwise and not target.is_floating_point():
             target = target.long()
+        module = self._modules(output.device)[1 if summed else 0]
         try:
-            return self.module(output, target)
+            return module(output, target)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise InvalidArgument(f"target: loss {self.name!r} failed: {exc}") from None
 
+    def sum_and_count(self, output: torch.Tensor, target: torch.Tensor | None
+                      ) -> tuple[float, float]:
+        """The loss of a batch summed, and what reduction "mean" divides that sum by, as
+        torch does: the output's elements; for class losses with class-index targets, the
+        targets that are not ignore_index, each counted as its class weight (when weight is
+        given); for class-probability targets, the samples. Summing both over batches and
+        dividing once gives the loss of all the batches in one call, whatever their sizes."""
+        if self.module is None:
+            return float(self._apply(output, target, summed=False)), 1.0
+        total = float(self._apply(output, target, summed=True))
+        assert target is not None
+        if self.elementwise:
+            return total, float(output.numel())
+        if target.is_floating_point():  # class probabilities: one per sample and position
+            return total, float(output.numel() // output.shape[1 if output.dim() > 1 else 0])
+        counted = target[target != self.ignore_index].long()
+        weight = self.tensors.get("weight")
+        if weight is None:
+            return total, float(counted.numel())
+        return total, float(weight.double()[counted.to(weight.device)].sum())
 
-    def count(self, output: torch.Tensor, target: torch.Tensor | None) -> int:
-        """How many terms a mean reduction divides by: targets that are not ignore_index for
-        class indices, else elements. Data parallelism weights each shard's mean by its share."""
-        if target is None:
-            return 1
+    def count(self, output: torch.Tensor, target: torch.Tensor | None) -> float:
+        """How many terms a mean reduction divides by (sum_and_count's count, without the
+        loss): targets that are not ignore_index for class indices (each its class weight when
+        weight is given), one per row for class probabilities, else elements. Data parallelism
+        weights each shard's mean by its share."""
+        if target is None or self.module is None:
+            return 1.0
         if not self.elementwise and not target.is_floating_point():
-            ignore = getattr(self.module, "ignore_index", None)
-            return int((target != ignore).sum()) if ignore is not None else target.numel()
+            counted = target[target != self.ignore_index].long()
+            weight = self.tensors.get("weight")
+            if weight is None:
+                return float(counted.numel())
+            return float(weight.double()[counted.to(weight.device)].sum())
         if not self.elementwise and target.dim() > 1:  # class probabilities: one term per row
-            return target.numel() // target.shape[1]
-        return target.numel()
+            return float(target.numel() // target.shape[1])
+        return float(target.numel())
+
+def _tensor_argument(key: str, value: Any, what: str, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """A number or a flat list of numbers -> torch.tensor(value, dtype=dtype) on device."""
+    items = value if isinstance(value, list) else [value]
+    if (not items or len(items) > MAX_TENSOR_ARG or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and abs(v) <= MAX_FLOAT for v in items)):
+        raise InvalidArgument(f"{what}.{key}: expected a number or a list of 1 to "
+                              f"{MAX_TENSOR_ARG} finite numbers (one per class)")
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
-def build_loss(name: str, reduction: str, kwargs: Mapping[str, Any]) -> Loss:
+def build_loss(name: str, reduction: str, kwargs: Mapping[str, Any],
+               dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Loss:
+    """The loss a spec names; tensor arguments are made in `dtype` on `device` (the model's)."""
     name = name or "none"
     entry = LOSSES.get(name)
     if entry is None:
@@ -111,10 +182,16 @@ def build_loss(name: str, reduction: str, kwargs: Mapping[str, Any]) -> Loss:
         raise InvalidArgument(
             f"spec.loss.reduction: {reduction!r} not allowed; expected one of {REDUCTIONS}"
         )
-    checked = check_kwargs(entry.cls.__init__, kwargs, f"spec.loss ({name})",
-                           allowed=entry.allowed, bounds=BOUNDS)
+    what = f"spec.loss ({name})"
+    plain = {k: v for k, v in kwargs.items() if k not in entry.tensors}
+    checked = check_kwargs(entry.cls.__init__, plain, what,
+                           allowed=entry.allowed - entry.tensors, bounds=BOUNDS)
+    tensors = {k: _tensor_argument(k, v, what, dtype, device or torch.device("cpu"))
+               for k, v in kwargs.items() if k in entry.tensors}
     try:
-        module = entry.cls(reduction=reduction, **checked)
+        module = entry.cls(reduction=reduction, **checked, **tensors)
+        summed = entry.cls(reduction="sum", **checked, **tensors)
     except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"spec.loss ({name}): {exc}") from None
-    return Loss(name, reduction, module, entry.elementwise)
+        raise InvalidArgument(f"{what}: {exc}") from None
+    return Loss(name, reduction, module, entry.elementwise, summed, tensors,
+                int(checked.get("ignore_index", -100)))

@@ -43,9 +43,14 @@ def build_schedule(
     params: Mapping[str, Any],
     warmup_steps: int,
     warmup_start_factor: float,
-    total_steps: int,
+    total_steps: int | None,
 ) -> LRScheduler | None:
-    """The scheduler for a run, or None. `total_steps` is the default cosine t_max."""
+    """The scheduler for a run, or None.
+
+    cosine's t_max defaults to total_steps - warmup_steps: the steps the cosine schedule runs
+    for after the warm-up, so that the rate reaches eta_min at the run's end. total_steps None
+    (TrainStream: the length is unknown) makes t_max required.
+    """
     kind = kind or "none"
     if kind != "none" and kind not in SCHEDULES:
         raise InvalidArgument(
@@ -74,8 +79,12 @@ def build_schedule(
                     f"allowed: {sorted(names)}"
                 )
             given = {names[k]: v for k, v in params.items()}
-            if cls is lr_scheduler.CosineAnnealingLR:  # before the check: torch requires T_max
-                given.setdefault("T_max", max(1, total_steps - warmup_steps))
+            if cls is lr_scheduler.CosineAnnealingLR and "T_max" not in given:
+                if total_steps is None:
+                    raise InvalidArgument("options.schedule (cosine).t_max: required here (a "
+                                          "stream's length is unknown, so there is no default)")
+                # Before the check: torch requires T_max.
+                given["T_max"] = max(1, total_steps - warmup_steps)
             kwargs = check_kwargs(cls.__init__, given, f"options.schedule ({kind})",
                                   skip=("optimizer",))
             _check_numbers(kind, kwargs)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gradserve.results import CheckpointInfo
 from safetensors import safe_open
 
 from . import statedir
@@ -46,16 +47,6 @@ class CheckpointUnusable(FailedPrecondition):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-@dataclass
-class CheckpointInfo:
-    name: str
-    model_id: str
-    step: int
-    num_bytes: int
-    created_unix: float
-    error: str = ""  # set when the file cannot be loaded: what is wrong with it
 
 
 @dataclass
@@ -474,7 +465,13 @@ def _check_groups(stored: Any, fresh: list[dict[str, Any]]) -> None:
     if not isinstance(stored, list) or len(stored) != len(fresh):
         raise ValueError("param_groups do not match the optimizer's")
     for group, new in zip(stored, fresh):
-        if not isinstance(group, dict) or set(group) != set(new):
+        # A learning-rate scheduler adds initial_lr to the groups it drives (a Train run with a
+        # schedule): the saved value is restored with the rest.
+        extra = set(group) - set(new) if isinstance(group, dict) else set()
+        if extra == {"initial_lr"} and isinstance(group["initial_lr"], (int, float)) and not \
+                isinstance(group["initial_lr"], bool):
+            extra = set()
+        if not isinstance(group, dict) or extra or set(new) - set(group):
             raise ValueError(f"param_groups options {sorted(group) if isinstance(group, dict) else group} "
                              f"differ from {sorted(new)}")
         for key, value in new.items():

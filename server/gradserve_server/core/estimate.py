@@ -49,7 +49,9 @@ class SavedBytes:
 
     Storages in `exclude` (parameters, buffers, tensors already counted) are skipped. The pack
     hook returns a detached alias: returning the tensor itself would tie a saved output to its
-    own grad_fn, a reference cycle that outlives the graph.
+    own grad_fn, a reference cycle that outlives the graph. Hooked tensors escape autograd's
+    own check that a saved tensor was not modified in place before backward (SetParameters or
+    Step between a retained Forward and its Backward), so unpack makes it, as local code does.
     """
 
     def __init__(self, exclude: set[int]) -> None:
@@ -60,15 +62,24 @@ class SavedBytes:
         """Storages counted elsewhere (a retained graph's inputs) are not counted as saved."""
         self.seen.update(storage_key(t) for t in tensors)
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int]:
         key = storage_key(t)
         if key not in self.seen:
             self.seen.add(key)
             self.nbytes += t.untyped_storage().nbytes()
-        return t.detach()
+        alias = t.detach()  # shares t's version counter
+        return alias, alias._version
 
     @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
+    def unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+        t, version = packed
+        if t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+                f"expected version {version} instead (a parameter or buffer the retained graph "
+                "saved was changed by SetParameters or Step after its Forward; run Forward "
+                "again)")
         return t
 
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:

@@ -23,10 +23,11 @@ from ..catalog.exported import (
     output_index,
 )
 from ..catalog.expressions import ExpressionModule, check_name, compile_expression
-from ..catalog.layers import build_sequential
+from ..catalog.layers import build_sequential, layer_inputs
 from ..catalog.losses import Loss, build_loss
 from ..catalog.optimizers import build_optimizer, state_factor
 from ..catalog.plugins import build_plugin
+from ..catalog.schedules import LRScheduler
 from . import estimate
 from .budget import MemoryBudget, Reservation, fmt_bytes
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
@@ -68,6 +69,16 @@ class BackwardResult:
     input_grads: list[torch.Tensor] = field(default_factory=list)
     output: torch.Tensor | None = None
     outputs: list[torch.Tensor] = field(default_factory=list)  # all, for multi-output models
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step did: the model's step count after it, the total gradient norm
+    before clipping (nan when not computed) and the learning rate it used."""
+
+    step: int
+    grad_norm: float
+    lr: float
 
 
 @dataclass
@@ -168,6 +179,15 @@ class ModelRNG:
                 torch.set_rng_state(saved)
 
 
+def _plain(value: Any) -> Any:
+    """An optimizer hyper-parameter as JSON: tuples as lists, 0-d tensors as numbers."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def _fresh_seed() -> int:
     """A seed for a model created without one (never the global generator's next state)."""
     return int.from_bytes(os.urandom(8), "little") >> 1
@@ -210,9 +230,11 @@ def _build_module(spec: ModelSpec, dtype: torch.dtype, limits: Limits,
             check_name(name, "spec.expression.parameters")
             if name in spec.inputs:
                 raise InvalidArgument(f"spec.expression: {name!r} is both an input and a parameter")
-        expr = compile_expression(spec.expression, [*spec.inputs, *spec.parameters], dtype)
+        expr = compile_expression(spec.expression, [*spec.inputs, *spec.parameters])
         params = {}
-        for name, value in spec.parameters.items():
+        # In name order: a proto map has none, and the order is the optimizer's and the
+        # state_dict's (it decides how clip_grad_norm sums the norms).
+        for name, value in sorted(spec.parameters.items()):
             if not (value.is_floating_point() or value.dtype in (torch.int64, torch.int32)):
                 raise InvalidArgument(f"spec.expression.parameters[{name}]: must be numeric")
             params[name] = value.detach().to(dtype).clone()
@@ -240,7 +262,8 @@ class Model:
         self.dtype = dtype
         self.limits = limits
         self.hooks = hooks
-        self.loss_fn: Loss = build_loss(spec.loss, spec.loss_reduction, spec.loss_kwargs)
+        self.loss_fn: Loss = build_loss(spec.loss, spec.loss_reduction, spec.loss_kwargs,
+                                         dtype, device)
         self.budget = budget if budget is not None else MemoryBudget()
         self._charges: dict[str, int] = {}
         self._trainable_bytes = self._check_size(spec, dtype)
@@ -257,6 +280,11 @@ class Model:
             self.exported = module if isinstance(module, ExportedModule) else None
             self.input_names = (self.exported.input_names if self.exported is not None
                                 else list(spec.inputs))
+            # Inputs a call must give: declared (expressions, exported), the first layer's
+            # (layers: two for Bilinear), unchecked (plugins).
+            self.num_inputs: int | None = (
+                len(self.input_names) if spec.source in ("expression", "exported")
+                else layer_inputs(spec.layers[0]["type"]) if spec.source == "layers" else None)
             self.output_names: list[str] = []
             self.main_output = 0
             if self.exported is not None:
@@ -429,11 +457,15 @@ class Model:
             self.budget.release("id_cache", held - now)
         self._charges["id_cache"] = now
 
-    def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False
-                       ) -> list[torch.Tensor]:
-        """Move inputs to the device; floating ones take the model dtype (documented rule)."""
-        expected = len(self.input_names) if self.spec.source in ("expression", "exported") else (
-            1 if self.spec.source == "layers" else None)
+    def prepare_inputs(self, inputs: Sequence[torch.Tensor], requires_grad: bool = False,
+                       leaves: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Move inputs to the device; floating ones take the model dtype (documented rule).
+
+        requires_grad: each floating input becomes a leaf that requires grad, in its own dtype
+        and place, and what the model gets is its cast (an autograd op, as in local code);
+        the leaves are appended to `leaves`.
+        """
+        expected = self.num_inputs
         if expected is not None and len(inputs) != expected:
             names = f" ({', '.join(self.input_names)})" if self.input_names else ""
             raise InvalidArgument(f"inputs: the model takes {expected} input(s){names}, "
@@ -443,10 +475,12 @@ class Model:
             # .to() is skipped when nothing changes: each torch call drops and retakes the GIL.
             # Copies to a GPU do not block; the call synchronises before its results return.
             if t.is_floating_point():
-                if t.dtype != self.dtype or t.device != self.device:
-                    t = t.to(device=self.device, dtype=self.dtype, non_blocking=True)
                 if requires_grad:
                     t = t.detach().requires_grad_(True)
+                    if leaves is not None:
+                        leaves.append(t)
+                if t.dtype != self.dtype or t.device != self.device:
+                    t = t.to(device=self.device, dtype=self.dtype, non_blocking=True)
             elif t.device != self.device:
                 t = t.to(device=self.device, non_blocking=True)
             out.append(t)
@@ -492,7 +526,8 @@ class Model:
                 return list(out)
         except InvalidArgument:
             raise
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        # ArithmeticError: exported graphs' checks on fake tensors divide by a batch of one.
+        except (RuntimeError, ValueError, IndexError, TypeError, ArithmeticError) as exc:
             raise InvalidArgument(f"inputs: the forward pass failed: {exc}") from None
         if not isinstance(out, torch.Tensor):
             raise InvalidArgument("the model returned a non-tensor output; plugins must return "
@@ -601,7 +636,9 @@ class Model:
                     self._timed("forward", start)
                     return self._pack(outs), ""
                 est = self.estimate_call(estimate.RETAIN, inputs, eval_mode, requires_grad=True)
-                held = self.prepared_bytes(inputs)
+                # The graph holds the inputs as sent (its leaves) and their casts.
+                held = self.prepared_bytes(inputs) + nbytes_of(
+                    [t for t in inputs if t.is_floating_point() and t.dtype != self.dtype])
                 if est.saved + held > self.limits.max_graph_bytes:  # refused before computing
                     raise self._graph_too_big(est.saved + held)
                 # The output's copy for the reply (_snapshot) comes on top of the peak.
@@ -805,20 +842,56 @@ class Model:
         _synchronize(self.device)
         return result
 
+    @staticmethod
+    def differentiate(roots: Sequence[torch.Tensor],
+                      grads: Sequence[torch.Tensor] | None = None) -> None:
+        """torch.autograd.backward(roots, grads): the one backward pass of every path
+        (Backward, Train's micro-steps, TrainStream), gradients accumulating in .grad.
+        FailedPrecondition when nothing is differentiable (every parameter frozen and no input
+        asked for), InvalidArgument when autograd refuses the graph."""
+        if not roots or not all(r.requires_grad for r in roots):
+            raise FailedPrecondition("the loss does not depend on any trainable parameter or "
+                                     "input; nothing to differentiate")
+        try:
+            torch.autograd.backward(list(roots), None if grads is None else list(grads))
+        except RuntimeError as exc:
+            raise InvalidArgument(f"backward failed: {exc}") from None
+
     def step(self, keep_grad: bool = False, request_id: str = "") -> int:
         with self.mutating(), self.reserve_call(self._trainable_bytes, "Step"):
             return self.once("Step", request_id, lambda: (keep_grad,),
                              lambda: self._step(zero_grad=not keep_grad))
 
     def _step(self, zero_grad: bool, samples: int = 0) -> int:
+        """Step and Backward(step=True): apply_step, timed and reported at once."""
         start = time.perf_counter()
-        self.optimizer_step(zero_grad=zero_grad)
-        self.step_count += 1
+        stats = self.apply_step(zero_grad=zero_grad)
         self._timed("optimizer_step", start)
         self.hooks.steps(self.id, 1, samples)
         if self.optimizer is not None:
             self.hooks.learning_rate(self.id, float(self.optimizer.param_groups[0]["lr"]))
-        return self.step_count
+        return stats.step
+
+    @property
+    def learning_rate(self) -> float:
+        """The first parameter group's learning rate (0 without an optimizer)."""
+        return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer else 0.0
+
+    def apply_step(self, *, zero_grad: bool = True, clip: float = 0.0,
+                   schedule: LRScheduler | None = None, want_norm: bool = False) -> StepStats:
+        """The one optimizer step of every path (Step, Backward(step=True), Train, TrainStream):
+        clip_grad_norm_ (clip > 0), optimizer.step(), schedule.step(), zero_grad, count it.
+
+        Caller holds the lock. The gradients are final when this is called (accumulated, and
+        in a data-parallel run already reduced). grad_norm: the total norm before clipping,
+        computed when clipping or asked (want_norm), else nan; lr: what this step used.
+        """
+        lr = self.learning_rate
+        norm = self.optimizer_step(clip=clip, want_norm=want_norm, zero_grad=zero_grad)
+        if schedule is not None and self.optimizer is not None:
+            schedule.step()  # on rank 0; the next STEP carries the rates to every rank
+        self.step_count += 1
+        return StepStats(self.step_count, norm, lr)
 
     def zero_grad(self, request_id: str = "") -> None:
         with self.mutating():
@@ -828,14 +901,15 @@ class Model:
     # Each is one Work item: on every rank of a group, in the same order (core/parallel.py).
 
     def train_batch(self, inputs: Sequence[torch.Tensor], target: torch.Tensor | None,
-                    divide: int = 1) -> float:
+                    divide: int = 1, stop_below: float | None = None) -> float:
         """Forward, loss and backward of (loss / divide) of one batch; the batch's loss.
 
-        No backward when the loss is not finite (the caller skips or stops). Caller holds
-        the lock.
+        No backward when the loss is not finite (the caller skips or stops) or below
+        stop_below (an objective reaching stop_loss). Caller holds the lock.
         """
         work = Work(FUSED, {"inputs": len(inputs), "input_grads": False, "output": False,
-                            "divide": divide, "finite_only": True, "timed": False},
+                            "divide": divide, "finite_only": True, "timed": False,
+                            "stop_below": stop_below},
                     [*inputs, target])
         loss = self.parallel.run(self, work).loss
         assert loss is not None
@@ -876,6 +950,31 @@ class Model:
                          if include_grads and (g := params[n].grad) is not None}
                 _synchronize(self.device)
             return values, grads, bufs
+
+    def optimizer_state(self, names: Sequence[str] = ()
+                        ) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
+        """(each parameter's optimizer state by name, the param_groups without "params"): what
+        optimizer.state_dict() holds, keyed by parameter name instead of index."""
+        with self.lock:
+            params = dict(self.module.named_parameters())
+            unknown = [n for n in names if n not in params]
+            if unknown:
+                raise NotFound(f"names: unknown parameter(s) {unknown}; known: {list(params)}")
+            if self.optimizer is None:
+                return {}, []
+            chosen = [n for n in (names or params) if params[n] in self.optimizer.state]
+            entries = {n: self.optimizer.state[params[n]] for n in chosen}
+            copies = [v for entry in entries.values() for v in entry.values()
+                      if isinstance(v, torch.Tensor)]
+            with self.reserve_call(nbytes_of(copies), "GetParameters"):
+                state = {n: {key: _snapshot(v) if isinstance(v, torch.Tensor)
+                             else torch.tensor(v) for key, v in entry.items()
+                             if isinstance(v, (torch.Tensor, int, float))}
+                         for n, entry in entries.items()}
+                _synchronize(self.device)
+            groups = [{k: _plain(v) for k, v in group.items() if k != "params"}
+                      for group in self.optimizer.param_groups]
+            return state, groups
 
     def set_parameters(self, values: Mapping[str, torch.Tensor], request_id: str = "") -> None:
         if not values:

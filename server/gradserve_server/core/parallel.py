@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from .errors import FailedPrecondition, InvalidArgument
-
 if TYPE_CHECKING:
     from .model import Model
 
@@ -191,7 +189,7 @@ def offsets(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def shard_weights(counts: Sequence[int], reduction: str) -> list[float]:
+def shard_weights(counts: Sequence[float], reduction: str) -> list[float]:
     """Each rank's loss weight from the terms (Loss.count) of its shard of the batch.
 
     A mean over the whole batch is the mean of the shard means weighted by each shard's share
@@ -207,14 +205,9 @@ def shard_weights(counts: Sequence[int], reduction: str) -> list[float]:
     return [c / total for c in counts]
 
 
-def _backward(roots: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None) -> None:
-    if not roots or not all(r.requires_grad for r in roots):
-        raise FailedPrecondition("the loss does not depend on any trainable parameter or "
-                                 "input; nothing to differentiate")
-    try:
-        torch.autograd.backward(roots, grads)
-    except RuntimeError as exc:
-        raise InvalidArgument(f"backward failed: {exc}") from None
+def _backward(model: Model, roots: Sequence[torch.Tensor],
+              grads: Sequence[torch.Tensor] | None) -> None:
+    model.differentiate(roots, grads)  # the one backward pass of every path
 
 
 def _share(value: float, weight: float) -> float:
@@ -237,7 +230,8 @@ def fused(model: Model, par: Parallel, work: Work) -> Computed:
 
     args: inputs (how many of tensors are inputs; the next is the target), input_grads,
     output (gather the outputs), divide (accumulation: backward of loss / divide), finite_only
-    (no gradients from a batch whose loss is not finite), timed (forward/backward phases).
+    (no gradients from a batch whose loss is not finite), stop_below (no backward of a loss
+    below it: an objective, never split, reaching stop_loss), timed (forward/backward phases).
     """
     a = work.args
     parts = par.scatter(work)
@@ -251,9 +245,11 @@ def fused(model: Model, par: Parallel, work: Work) -> Computed:
     wanted: list[torch.Tensor] = []
     with par.guard() as guard:
         model.set_mode(False)
-        xs = model.prepare_inputs(_present(parts[:n_in]), requires_grad=a["input_grads"])
+        # Input gradients are the leaves' (each floating input in its own dtype, as sent):
+        # what a local x.grad holds when the model casts x to its dtype.
+        xs = model.prepare_inputs(_present(parts[:n_in]), requires_grad=a["input_grads"],
+                                  leaves=wanted)
         y = model.prepare_target(parts[n_in])
-        wanted = [x for x in xs if x.requires_grad] if a["input_grads"] else []
         if active:
             start = time.perf_counter()
             outs = model.run_outputs(xs)
@@ -264,9 +260,11 @@ def fused(model: Model, par: Parallel, work: Work) -> Computed:
             value = loss.item()
             # One process never backpropagates a loss that is not finite (finite_only); in a
             # group only the sum tells, so reduce_grads drops the gradients afterwards.
-            if weight != 0 and (par.world > 1 or not a["finite_only"] or math.isfinite(value)):
+            below = a.get("stop_below")
+            if weight != 0 and (par.world > 1 or not a["finite_only"] or math.isfinite(value)
+                                ) and not (below is not None and value < below):
                 root = loss if weight == 1.0 else loss * weight
-                _backward([root / a["divide"] if a["divide"] > 1 else root], None)
+                _backward(model, [root / a["divide"] if a["divide"] > 1 else root], None)
             if a["timed"]:
                 model._timed("backward", start)
     par.sync_buffers(model, work)
@@ -288,14 +286,16 @@ def forward(model: Model, par: Parallel, work: Work) -> Computed:
     active = par.active(work)
     outs: list[torch.Tensor] = []
     xs: list[torch.Tensor] = []
+    leaves: list[torch.Tensor] = []
     with par.guard() as guard:
         model.set_mode(a["eval"])
-        xs = model.prepare_inputs(_present(parts), requires_grad=bool(a["retain"]))
+        present = _present(parts)
+        xs = model.prepare_inputs(present, requires_grad=bool(a["retain"]), leaves=leaves)
         if active:
             if a["retain"]:
                 saved = work.local
                 if saved is not None:  # the inputs are counted apart from what autograd saves
-                    saved.exclude(xs)
+                    saved.exclude([*xs, *leaves])
                 with saved.hooks() if saved is not None else contextlib.nullcontext():
                     outs = model.run_outputs(xs)
             else:
@@ -305,7 +305,11 @@ def forward(model: Model, par: Parallel, work: Work) -> Computed:
     if not a["eval"]:
         par.sync_buffers(model, work)
     got = par.gather(outs, work)
-    return Computed(outputs=got, local_outputs=outs, local_inputs=xs)
+    # The graph's inputs: each floating input as its leaf (its own dtype, as sent; input
+    # gradients are the leaves'), the others as prepared.
+    found = iter(leaves)
+    graph_inputs = [next(found) if x.is_floating_point() and leaves else x for x in xs]
+    return Computed(outputs=got, local_outputs=outs, local_inputs=graph_inputs)
 
 
 def backward(model: Model, par: Parallel, work: Work) -> Computed:
@@ -347,7 +351,7 @@ def backward(model: Model, par: Parallel, work: Work) -> Computed:
                 value = float(loss.detach())
                 roots = [loss if weight == 1.0 else loss * weight]
             if weight != 0:
-                _backward(roots, grads)
+                _backward(model, roots, grads)
     total = par.reduce_grads(model, guard, stash, work, _share(value, weight), False)
     if a["timed"]:
         model._timed("backward", start)

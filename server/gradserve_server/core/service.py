@@ -11,10 +11,11 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from gradserve.results import CheckpointInfo, TrainEvent
 
 from . import estimate, statedir
 from .budget import MemoryBudget, fmt_bytes
-from .checkpoints import OVER_LIMIT, CheckpointInfo, CheckpointStore, CheckpointUnusable
+from .checkpoints import OVER_LIMIT, CheckpointStore, CheckpointUnusable
 from .datasets import DatasetStore, TrainData
 from .errors import FailedPrecondition, GradServeFault, NotFound, ResourceExhausted
 from .hooks import Hooks
@@ -22,7 +23,7 @@ from .limits import Limits
 from .model import Model
 from .parallel import LOCAL, Parallel
 from .store import ModelStore
-from .trainer import DONE, Event, Trainer, TrainOptions
+from .trainer import DONE, Trainer, TrainOptions
 
 log = logging.getLogger("gradserve.train")
 state_log = logging.getLogger("gradserve.state")
@@ -144,7 +145,7 @@ class Core:
 
     def train(self, model: Model, data: TrainData | None, validation: TrainData | None,
               options: TrainOptions, cancelled: Callable[[], bool], checkpoint_every: int = 0
-              ) -> Iterator[Event]:
+              ) -> Iterator[TrainEvent]:
         every = checkpoint_every or self.autosave_steps
         state = {"step": model.step_count}
 
@@ -158,7 +159,7 @@ class Core:
                                     after_step if autosave else None)
         return self._logged(model, events)
 
-    def _logged(self, model: Model, events: Iterator[Event]) -> Iterator[Event]:
+    def _logged(self, model: Model, events: Iterator[TrainEvent]) -> Iterator[TrainEvent]:
         """Pass events through; one log line and one train_ended hook per run, however it ends."""
         start = time.perf_counter()
         # Unless a summary or an error replaces it: the caller closed the stream.

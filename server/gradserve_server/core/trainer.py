@@ -1,16 +1,17 @@
 """Server-side training loops (Train) and caller-driven steps (TrainStream).
 
-The loop equals this local PyTorch code (docs/models.md "The loop, exactly" documents it for users):
+The loop equals the local PyTorch code in docs/models.md "The loop, exactly" (written there once,
+for users; the differential oracle in tests/oracle/ runs that text against this code):
 
     for epoch in range(epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        for i, start in enumerate(range(0, n, batch_size)):   # drop_last drops a short tail
-            idx = order[start:start + batch_size]            # shuffle=False: a plain slice
-            loss = loss_fn(model(x[idx]), y[idx])
-            (loss / accumulation_steps if accumulation_steps > 1 else loss).backward()
-            if (i + 1) % accumulation_steps == 0 or it was the epoch's last batch:
-                clip_grad_norm_(params, clip)                # when clip_grad_norm > 0
-                optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        for batch in the epoch's batches:                    # _batches: the documented order
+            micro-step: forward, loss, backward of loss / accumulation_steps  (_micro_step)
+            when accumulation_steps micro-steps wait, or at the epoch's last batch:
+                optimizer step: clip, optimizer.step, scheduler.step, zero_grad (_optimizer_step)
+        epoch end: epoch loss, validation, stop_loss (_end_epoch)
+
+An objective model (no data) runs one epoch of max_steps * accumulation_steps evaluations and
+stops as soon as a value is below stop_loss, before its backward.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from gradserve.results import TrainEvent, TrainSummary
 
 from ..catalog.schedules import LRScheduler, build_schedule
 from .budget import Reservation
@@ -60,39 +62,64 @@ class TrainOptions:
 
 
 @dataclass
-class Summary:
-    steps: int
-    epochs: int
-    final_loss: float
-    stop_reason: str
-    skipped_batches: int
-    message: str
-    model_step: int
-
-
-@dataclass
-class Event:
-    kind: str
-    step: int
-    epoch: int
-    batch_loss: float
-    epoch_loss: float
-    samples_per_second: float
-    learning_rate: float
-    grad_norm: float
-    elapsed_seconds: float
-    val_loss: float | None = None
-    summary: Summary | None = None
-    run_step: int = 0
-
-
-@dataclass
 class StreamResult:
     step: int
     loss: float
     grad_norm: float
     learning_rate: float
     skipped: bool
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How long a Train run is, worked out before it starts (stops may end it sooner)."""
+
+    epochs: int
+    batches_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class _Run:
+    """The state of one Train run, shared by its pieces (batches, micro-steps, optimizer steps,
+    epoch ends, metrics)."""
+
+    model: Model
+    opts: TrainOptions
+    plan: RunPlan
+    objective: bool
+    schedule: LRScheduler | None
+    after_step: Callable[[Model], None] | None
+    start: float
+    steps: int = 0
+    samples: int = 0
+    skipped: int = 0
+    micro: int = 0  # batches whose gradients wait for the next optimizer step
+    epochs_done: int = 0
+    losses: list[float] = field(default_factory=list)  # this epoch's batch losses
+    last_loss: float = math.nan
+    epoch_loss: float = math.nan
+    grad_norm: float = math.nan
+    lr: float = math.nan
+    reason: str | None = None
+    message: str = ""
+    # Metrics not yet written: they are written in batches (at events, epoch ends, the end, and
+    # at least every FLUSH_S), since per-step hook calls cost as much as a small model's step.
+    pending_steps: int = 0
+    pending_samples: int = 0
+    flushed: float = 0.0
+
+    def event(self, kind: str, epoch: int, val: float | None = None,
+              summary: TrainSummary | None = None) -> TrainEvent:
+        elapsed = time.perf_counter() - self.start
+        return TrainEvent(kind, self.model.step_count, epoch, self.last_loss, self.epoch_loss,
+                          self.samples / elapsed if elapsed > 0 else 0.0, self.lr,
+                          self.grad_norm, elapsed, val, summary, self.steps,
+                          self.plan.total_steps)
+
+    def update_epoch_loss(self) -> None:
+        if self.losses:
+            self.epoch_loss = math.fsum(self.losses) / len(self.losses)
 
 
 class _Batches(Sequence[Any]):
@@ -158,28 +185,11 @@ class Trainer:
             self._active -= 1
         self.hooks.train_runs(-1)
 
-    # ---------------------------------------------------------------- one optimizer step
-
-    @staticmethod
-    def _lr(model: Model) -> float:
-        return float(model.optimizer.param_groups[0]["lr"]) if model.optimizer else 0.0
-
-    @staticmethod
-    def _apply_step(model: Model, sched: LRScheduler | None, clip: float, want_norm: bool
-                    ) -> tuple[float, float]:
-        """Clip, optimizer.step, zero_grad, scheduler.step (caller holds the lock)."""
-        lr = Trainer._lr(model)
-        norm = model.optimizer_step(clip, want_norm)  # on every rank of a group
-        if model.optimizer is not None and sched is not None:
-            sched.step()
-        model.step_count += 1
-        return norm, lr
-
     # ---------------------------------------------------------------- Train
 
     def train(self, model: Model, data: TrainData | None, validation: TrainData | None,
               opts: TrainOptions, cancelled: Callable[[], bool],
-              after_step: Callable[[Model], None] | None = None) -> Iterator[Event]:
+              after_step: Callable[[Model], None] | None = None) -> Iterator[TrainEvent]:
         """Validate now; the returned stream claims the model when first advanced.
 
         after_step(model) runs with the model's lock held after every optimizer step (autosave).
@@ -210,7 +220,17 @@ class Trainer:
             raise InvalidArgument("options: set epochs or max_steps")
         return data.num_samples
 
+    def plan(self, objective: bool, n: int, opts: TrainOptions) -> RunPlan:
+        """Epochs, batches per epoch and optimizer steps of a run that is not stopped early."""
+        batches_per_epoch = (opts.max_steps * opts.accumulation_steps if objective
+                             else len(_Batches(n, opts, None)))
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
+        epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
+        total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
+        return RunPlan(epochs, batches_per_epoch, total)
+
     def _batches(self, n: int, opts: TrainOptions, epoch: int) -> _Batches:
+        """The epoch's batches of sample indices, as the documented loop takes them."""
         if not opts.shuffle:
             return _Batches(n, opts, None)
         # Wrapped into torch's seed range: seed 2**64 - 1 at epoch 1 is seed 0, not an overflow.
@@ -227,7 +247,7 @@ class Trainer:
     def _loop(self, model: Model, data: TrainData | None,
               validation: TrainData | None, opts: TrainOptions, n: int,
               cancelled: Callable[[], bool], after_step: Callable[[Model], None] | None
-              ) -> Iterator[Event]:
+              ) -> Iterator[TrainEvent]:
         # Claimed inside the generator so that a stream never started never holds the model.
         self._claim(model)
         try:
@@ -264,143 +284,177 @@ class Trainer:
 
     def _run(self, model: Model, data: TrainData | None, validation: TrainData | None,
              opts: TrainOptions, n: int, cancelled: Callable[[], bool],
-             after_step: Callable[[Model], None] | None) -> Iterator[Event]:
-        objective = data is None
-        batches_per_epoch = opts.max_steps if objective else len(_Batches(n, opts, None))
-        steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.accumulation_steps))
-        epochs = 1 if objective else (opts.epochs or math.ceil(opts.max_steps / steps_per_epoch))
-        total = min(epochs * steps_per_epoch, opts.max_steps or epochs * steps_per_epoch)
+             after_step: Callable[[Model], None] | None) -> Iterator[TrainEvent]:
+        """The loop: epochs of batches, an event at the chosen cadence, the summary last."""
+        plan = self.plan(data is None, n, opts)
         with model.lock:
             sched = build_schedule(model.optimizer, opts.schedule, opts.schedule_params,
-                                   opts.warmup_steps, opts.warmup_start_factor, total)
-            model.clear_grads()
+                                   opts.warmup_steps, opts.warmup_start_factor, plan.total_steps)
+            model.clear_grads()  # on every rank of a group
             model.module.train()
-        inputs = data.inputs if data is not None else []
-        target = data.target if data is not None else None
         start = time.perf_counter()
-        steps = samples = skipped = micro = 0
-        epoch_done = 0
-        last_loss = epoch_loss = grad_norm = lr = math.nan
-        reason: str | None = None
-        message = ""
-        tel = self.hooks
-        # Telemetry is written in batches (at events, epoch ends, the end, and at least every
-        # FLUSH_S): per-step hook calls cost as much as the step of a small model.
-        pending_steps = pending_samples = 0
-        flushed = start
-
-        def flush() -> None:
-            nonlocal pending_steps, pending_samples, flushed
-            if pending_steps or pending_samples:
-                tel.steps(model.id, pending_steps, pending_samples)
-            if pending_steps:
-                tel.loss(model.id, last_loss)
-                tel.learning_rate(model.id, lr)
-                if not math.isnan(grad_norm):
-                    tel.grad_norm(model.id, grad_norm)
-            pending_steps = pending_samples = 0
-            flushed = time.perf_counter()
-
-        def event(kind: str, epoch: int, val: float | None = None,
-                  summary: Summary | None = None) -> Event:
-            elapsed = time.perf_counter() - start
-            return Event(kind, model.step_count, epoch, last_loss, epoch_loss,
-                         samples / elapsed if elapsed > 0 else 0.0, lr, grad_norm, elapsed,
-                         val, summary, steps)
-
-        for epoch in range(epochs):
-            losses: list[float] = []
-            batches: Sequence[Any] = (range(opts.max_steps) if objective
+        run = _Run(model, opts, plan, data is None, sched, after_step, start, flushed=start)
+        for epoch in range(plan.epochs):
+            run.losses = []
+            batches: Sequence[Any] = (range(plan.batches_per_epoch) if data is None
                                       else self._batches(n, opts, epoch))
-            last = batches_per_epoch - 1  # len(range(2**63)) would overflow
+            last = plan.batches_per_epoch - 1  # len(range(2**63)) would overflow
             for i, idx in enumerate(batches):
-                reason = self._stop_requested(model, cancelled)
-                if reason:
+                run.reason = self._stop_requested(model, cancelled)
+                if run.reason:
                     break
-                t0 = time.perf_counter()
-                with model.lock:
-                    if objective:
-                        value = model.train_batch([], None, opts.accumulation_steps)
-                        batch_n = 1
-                    else:
-                        xs = [t[idx] for t in inputs]
-                        y = target[idx] if target is not None else None
-                        # forward, loss and (loss / accumulation_steps).backward(), unless the
-                        # loss is not finite; in a group, every rank on its shard
-                        value = model.train_batch(xs, y, opts.accumulation_steps)
-                        batch_n = int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore
-                    if not math.isfinite(value):
-                        if opts.skip_nonfinite:
-                            skipped += 1
-                            continue
-                        reason = NON_FINITE
-                        message = (f"the loss was {value} at epoch {epoch}, batch {i} (model step "
-                                   f"{model.step_count}); lower the learning rate, clip gradients "
-                                   "or set skip_nonfinite")
-                        break
-                    micro += 1
-                    stepped = micro == opts.accumulation_steps or i == last
-                    if stepped:
-                        # The norm costs a pass over the gradients: only when an event shows it.
-                        emit = (bool(opts.log_every_steps)
-                                and (steps + 1) % opts.log_every_steps == 0
-                                ) or i == last or steps + 1 == opts.max_steps
-                        grad_norm, lr = self._apply_step(model, sched, opts.clip_grad_norm, emit)
-                        micro = 0
-                        steps += 1
-                        if after_step is not None:
-                            after_step(model)
-                last_loss = value
-                losses.append(value)
-                samples += batch_n
-                t1 = time.perf_counter()
-                tel.phase_seconds(model.id, "train_step", t1 - t0)
-                # Every batch's samples count, also those that only accumulate gradients.
-                pending_samples += batch_n
+                stepped = self._train_batch(run, data, idx, epoch, i, i == last)
+                if run.reason:
+                    break
                 if stepped:
-                    pending_steps += 1
-                if t1 - flushed > FLUSH_S:
-                    flush()
-                if stepped:
-                    if opts.log_every_steps and steps % opts.log_every_steps == 0:
-                        epoch_loss = math.fsum(losses) / len(losses)
-                        flush()
-                        yield event(PROGRESS, epoch)
-                    if opts.max_steps and steps >= opts.max_steps:
-                        reason = MAX_STEPS
+                    if opts.log_every_steps and run.steps % opts.log_every_steps == 0:
+                        run.update_epoch_loss()
+                        self._flush(run)
+                        yield run.event(PROGRESS, epoch)
+                    if opts.max_steps and run.steps >= opts.max_steps:
+                        run.reason = MAX_STEPS
                         break
-            if losses:
-                epoch_loss = math.fsum(losses) / len(losses)
-            flush()
-            if reason in (CANCELLED, SHUTDOWN, NON_FINITE) or not losses:
+            end = self._end_epoch(run, epoch, validation)
+            if end is None:
                 break
-            epoch_done += 1
-            val = self._evaluate(model, validation, opts) if validation is not None else None
-            tel.loss(model.id, epoch_loss)
-            if not math.isnan(lr):
-                tel.learning_rate(model.id, lr)
-            if not math.isnan(grad_norm):
-                tel.grad_norm(model.id, grad_norm)
-            yield event(EPOCH_END, epoch, val)
-            if reason:
+            yield end
+            if run.reason:
                 break
-            if opts.stop_loss is not None and epoch_loss < opts.stop_loss:
-                reason = STOP_LOSS
+            if opts.stop_loss is not None and run.epoch_loss < opts.stop_loss:
+                run.reason = STOP_LOSS
                 break
-        # The last step's loss is what local code would report after the loop.
-        final = epoch_loss if not math.isnan(epoch_loss) else last_loss
-        summary = Summary(steps, epoch_done, final, reason or COMPLETED, skipped, message,
-                          model.step_count)
+        yield self._done(run)
+
+    def _train_batch(self, run: _Run, data: TrainData | None, idx: Any, epoch: int, i: int,
+                     last: bool) -> bool:
+        """One batch: a micro-step, then an optimizer step when its accumulation group is
+        complete or the epoch ends (also when that last batch was skipped: the epoch's pending
+        gradients are always applied). Returns whether it stepped. A batch that stops the run
+        (run.reason: a non-finite loss, an objective below stop_loss) does not step."""
+        model, opts = run.model, run.opts
+        t0 = time.perf_counter()
+        stop_below = opts.stop_loss if run.objective else None
+        with model.lock:
+            value, batch_n = self._micro_step(model, data, idx, opts.accumulation_steps,
+                                              stop_below)
+            finite = math.isfinite(value)
+            if not finite and not opts.skip_nonfinite:
+                run.reason = NON_FINITE
+                run.message = (f"the loss was {value} at epoch {epoch}, batch {i} (model "
+                               f"step {model.step_count}); lower the learning rate, clip "
+                               "gradients or set skip_nonfinite")
+                return False
+            if not finite:
+                run.skipped += 1
+            elif stop_below is not None and value < stop_below:
+                run.reason = STOP_LOSS  # the local `while f() >= stop_loss: step`
+            else:
+                run.micro += 1
+            stepped = (run.reason is None and run.micro > 0
+                       and (run.micro == opts.accumulation_steps or last))
+            if stepped:
+                # The norm costs a pass over the gradients: only when an event may show it (an
+                # epoch's last step is at its last batch unless batches can be skipped or an
+                # objective can stop; then at every step).
+                shown = (bool(opts.log_every_steps)
+                         and (run.steps + 1) % opts.log_every_steps == 0
+                         ) or last or run.steps + 1 == opts.max_steps or (
+                    opts.skip_nonfinite or run.objective)
+                self._optimizer_step(run, shown)
+        if finite:
+            run.last_loss = value
+            run.losses.append(value)
+            run.samples += batch_n
+            # Every batch's samples count, also those that only accumulate gradients.
+            run.pending_samples += batch_n
+        t1 = time.perf_counter()
+        self.hooks.phase_seconds(model.id, "train_step", t1 - t0)
+        if stepped:
+            run.pending_steps += 1
+        if t1 - run.flushed > FLUSH_S:
+            self._flush(run)
+        return stepped
+
+    @staticmethod
+    def _micro_step(model: Model, data: TrainData | None, idx: Any, accumulation: int,
+                    stop_below: float | None = None) -> tuple[float, int]:
+        """Forward and loss of one batch (data None: the objective), then the backward of the
+        loss divided by `accumulation` (when gradients accumulate over several batches) unless
+        the loss is not finite or below stop_below. Returns (the loss, samples in the batch).
+        Caller holds the lock."""
+        if data is None:
+            return model.train_batch([], None, accumulation, stop_below), 1
+        xs = [t[idx] for t in data.inputs]
+        y = data.target[idx] if data.target is not None else None
+        # In a group every rank runs this on its shard of the batch (core/parallel.py).
+        value = model.train_batch(xs, y, accumulation, stop_below)
+        return value, int(xs[0].shape[0]) if xs else int(y.shape[0])  # type: ignore[union-attr]
+
+    @staticmethod
+    def _optimizer_step(run: _Run, want_norm: bool) -> None:
+        """The optimizer step closing an accumulation group, through the model's one step path;
+        then the run's counters and after_step (autosave). Caller holds the lock."""
+        stats = run.model.apply_step(clip=run.opts.clip_grad_norm, schedule=run.schedule,
+                                     want_norm=want_norm)
+        run.grad_norm, run.lr = stats.grad_norm, stats.lr
+        run.micro = 0
+        run.steps += 1
+        if run.after_step is not None:
+            run.after_step(run.model)
+
+    def _flush(self, run: _Run) -> None:
+        """Write the run's pending step and loss metrics."""
+        tel, model_id = self.hooks, run.model.id
+        if run.pending_steps or run.pending_samples:
+            tel.steps(model_id, run.pending_steps, run.pending_samples)
+        if run.pending_steps:
+            tel.loss(model_id, run.last_loss)
+            tel.learning_rate(model_id, run.lr)
+            if not math.isnan(run.grad_norm):
+                tel.grad_norm(model_id, run.grad_norm)
+        run.pending_steps = run.pending_samples = 0
+        run.flushed = time.perf_counter()
+
+    def _end_epoch(self, run: _Run, epoch: int, validation: TrainData | None) -> TrainEvent | None:
+        """The epoch's loss, validation and metrics, as an EPOCH_END event; None when the epoch
+        did not complete (cancelled, shut down, non-finite, or every batch skipped)."""
+        run.update_epoch_loss()
+        self._flush(run)
+        if run.reason in (CANCELLED, SHUTDOWN, NON_FINITE) or not run.losses:
+            return None
+        run.epochs_done += 1
+        val = (self._evaluate(run.model, validation, run.opts) if validation is not None
+               else None)
+        tel, model_id = self.hooks, run.model.id
+        tel.loss(model_id, run.epoch_loss)
+        if not math.isnan(run.lr):
+            tel.learning_rate(model_id, run.lr)
+        if not math.isnan(run.grad_norm):
+            tel.grad_norm(model_id, run.grad_norm)
+        return run.event(EPOCH_END, epoch, val)
+
+    def _done(self, run: _Run) -> TrainEvent:
+        """The DONE event with the run's summary."""
+        # Data: the epoch loss of the last epoch that ran a batch (what a local loop prints
+        # last); an objective: the last value of f computed.
+        final = (run.last_loss if run.objective or math.isnan(run.epoch_loss)
+                 else run.epoch_loss)
+        reason = run.reason or COMPLETED
+        summary = TrainSummary(run.steps, run.epochs_done, final, reason, run.skipped, run.message,
+                          run.model.step_count)
         if not math.isnan(final):
-            tel.loss(model.id, final)
-        yield event(DONE, max(0, epoch_done - 1) if reason != CANCELLED else epoch_done,
-                    summary=summary)
+            self.hooks.loss(run.model.id, final)
+        epoch = run.epochs_done if reason == CANCELLED else max(0, run.epochs_done - 1)
+        return run.event(DONE, epoch, summary=summary)
 
     def _evaluate(self, model: Model, data: TrainData, opts: TrainOptions) -> float:
-        """Mean loss over the validation set in eval mode, weighting batches by their size."""
+        """The loss of the whole validation set in eval mode, computed in batches: per batch the
+        loss summed and what a mean divides by (Loss.sum_and_count), so that ignore_index and
+        class weights count as they do in one call over the set, whatever the batch size."""
         n = data.num_samples
         bs = opts.batch_size or n
-        total = 0.0
+        sums: list[float] = []
+        counts: list[float] = []
         with model.lock, torch.no_grad():
             model.module.eval()
             try:
@@ -408,12 +462,15 @@ class Trainer:
                     xs = model.prepare_inputs([t[s:s + bs] for t in data.inputs])
                     y = model.prepare_target(
                         data.target[s:s + bs] if data.target is not None else None)
-                    loss = model.loss_fn(model.run_module(xs), y)
-                    size = min(bs, n - s)
-                    total += loss.item() * (size if model.loss_fn.reduction == "mean" else 1)
+                    total, count = model.loss_fn.sum_and_count(model.run_module(xs), y)
+                    sums.append(total)
+                    counts.append(count)
             finally:
                 model.module.train()
-        return total / n if model.loss_fn.reduction == "mean" else total
+        if model.loss_fn.reduction != "mean":
+            return math.fsum(sums)
+        denominator = math.fsum(counts)
+        return math.fsum(sums) / denominator if denominator else math.nan
 
     # ---------------------------------------------------------------- TrainStream
 
@@ -423,6 +480,9 @@ class Trainer:
         """Validate a TrainStream config; the session claims the model at its first batch."""
         if clip < 0 or not math.isfinite(clip):
             raise InvalidArgument("config.clip_grad_norm: must be a finite number >= 0")
+        if schedule == "cosine" and "t_max" not in schedule_params:
+            raise InvalidArgument("config.schedule (cosine).t_max: required in a TrainStream (its "
+                                  "length is unknown, so there is no default)")
         return StreamSession(self, model, clip, schedule, schedule_params, warmup_steps,
                              warmup_start_factor, skip_nonfinite)
 
@@ -476,8 +536,9 @@ class StreamSession:
         self._claimed = True
         schedule, params, warmup, start_factor = self._schedule
         with model.lock:
+            # A stream's length is unknown: cosine needs its t_max (build_schedule says so).
             self._sched = build_schedule(model.optimizer, schedule, params, warmup, start_factor,
-                                         1 << 30)
+                                         None)
             model.clear_grads()
             model.module.train()
 
@@ -506,8 +567,9 @@ class StreamSession:
                     raise FailedPrecondition(
                         f"batch {k}: the loss was {value}; the stream ends (set "
                         "skip_nonfinite to skip such batches)")
-                return StreamResult(model.step_count, value, math.nan, trainer._lr(model), True)
-            norm, lr = trainer._apply_step(model, self._sched, self.clip, want_norm=True)
+                return StreamResult(model.step_count, value, math.nan, model.learning_rate, True)
+            stats = model.apply_step(clip=self.clip, schedule=self._sched, want_norm=True)
+            norm, lr = stats.grad_norm, stats.lr
         hooks = trainer.hooks
         hooks.phase_seconds(model.id, "train_step", time.perf_counter() - t0)
         hooks.steps(model.id, 1, batch.num_samples)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from google.protobuf import json_format, struct_pb2
-from gradserve import codec, wire
+from gradserve import codec, results, wire
 from gradserve._proto.gradserve.v1 import gradserve_pb2 as pb
 
 from ..catalog.layers import MAX_LAYERS
@@ -17,7 +17,7 @@ from ..core.errors import InvalidArgument
 from ..core.limits import MAX_NAMED_TENSORS, MAX_TENSORS
 from ..core.model import BackwardResult, Outputs
 from ..core.spec import FLOAT_DTYPES, ModelSpec
-from ..core.trainer import Event, StreamResult, TrainOptions
+from ..core.trainer import StreamResult, TrainOptions
 
 
 def tensor_in(msg: pb.Tensor, what: str, owned: bool = False) -> torch.Tensor:
@@ -66,6 +66,16 @@ def tensor_out(t: torch.Tensor) -> pb.Tensor:
 
 def named_out(values: Mapping[str, torch.Tensor]) -> dict[str, pb.Tensor]:
     return {k: codec.encode(v) for k, v in values.items()}
+
+
+def optimizer_state_out(reply: pb.GetParametersResponse,
+                        state: Mapping[str, Mapping[str, torch.Tensor]],
+                        groups: list[dict[str, Any]]) -> None:
+    for name, values in state.items():
+        reply.optimizer_state[name].SetInParent()
+        for key, value in values.items():
+            reply.optimizer_state[name].values[key].CopyFrom(codec.encode(value))
+    reply.optimizer_param_groups.extend(struct_out(group) for group in groups)
 
 
 # Keyword arguments, loss, optimizer and schedule options: a few hundred bytes in practice. A
@@ -248,29 +258,9 @@ def options_in(msg: pb.TrainOptions) -> TrainOptions:
     )
 
 
-_KINDS = {"progress": pb.EVENT_KIND_PROGRESS, "epoch_end": pb.EVENT_KIND_EPOCH_END,
-          "done": pb.EVENT_KIND_DONE}
-_REASONS = {"completed": pb.STOP_REASON_COMPLETED, "max_steps": pb.STOP_REASON_MAX_STEPS,
-            "stop_loss": pb.STOP_REASON_STOP_LOSS, "cancelled": pb.STOP_REASON_CANCELLED,
-            "non_finite": pb.STOP_REASON_NON_FINITE, "shutdown": pb.STOP_REASON_SHUTDOWN}
-
-
-def event_out(event: Event) -> pb.TrainEvent:
-    msg = pb.TrainEvent(
-        kind=_KINDS[event.kind], step=event.step, epoch=event.epoch, batch_loss=event.batch_loss,
-        epoch_loss=event.epoch_loss, samples_per_second=event.samples_per_second,
-        learning_rate=event.learning_rate, grad_norm=event.grad_norm,
-        elapsed_seconds=event.elapsed_seconds, run_step=event.run_step,
-    )
-    if event.val_loss is not None:
-        msg.val_loss = event.val_loss
-    if event.summary is not None:
-        s = event.summary
-        msg.summary.CopyFrom(pb.TrainSummary(
-            steps=s.steps, epochs=s.epochs, final_loss=s.final_loss,
-            stop_reason=_REASONS[s.stop_reason], skipped_batches=s.skipped_batches,
-            message=s.message, model_step=s.model_step))
-    return msg
+# Events and checkpoint infos are gradserve.results dataclasses on both sides of the wire.
+event_out = results.train_event_message
+checkpoint_info_out = results.checkpoint_info_message
 
 
 def stream_result_out(r: StreamResult) -> pb.TrainStreamResponse:

@@ -92,8 +92,11 @@ class GradientServicer:
         model = self.core.models.get(request.model_id)
         values, grads, buffers = model.get_parameters(list(request.names), request.include_grads,
                                                       request.include_buffers)
-        return pb.GetParametersResponse(parameters=m.named_out(values), grads=m.named_out(grads),
-                                        buffers=m.named_out(buffers))
+        reply = pb.GetParametersResponse(parameters=m.named_out(values),
+                                         grads=m.named_out(grads), buffers=m.named_out(buffers))
+        if request.include_optimizer_state:
+            m.optimizer_state_out(reply, *model.optimizer_state(list(request.names)))
+        return reply
 
     def SetParameters(self, request: pb.SetParametersRequest, call: Call
                       ) -> pb.SetParametersResponse:
@@ -225,7 +228,7 @@ class GradientServicer:
 
     def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, call: Call
                        ) -> pb.CheckpointInfo:
-        return _checkpoint_info(self.core.save_checkpoint(request.model_id, request.name))
+        return m.checkpoint_info_out(self.core.save_checkpoint(request.model_id, request.name))
 
     def LoadCheckpoint(self, request: pb.LoadCheckpointRequest, call: Call) -> pb.ModelInfo:
         model = self.core.load_checkpoint(request.name, request.model_id)
@@ -234,14 +237,9 @@ class GradientServicer:
     def ListCheckpoints(self, request: pb.ListCheckpointsRequest, call: Call
                         ) -> pb.ListCheckpointsResponse:
         return pb.ListCheckpointsResponse(
-            checkpoints=[_checkpoint_info(c) for c in self.core.list_checkpoints()])
+            checkpoints=[m.checkpoint_info_out(c) for c in self.core.list_checkpoints()])
 
     def DeleteCheckpoint(self, request: pb.DeleteCheckpointRequest, call: Call
                          ) -> pb.DeleteCheckpointResponse:
         self.core.delete_checkpoint(request.name)
         return pb.DeleteCheckpointResponse()
-
-
-def _checkpoint_info(c: Any) -> pb.CheckpointInfo:
-    return pb.CheckpointInfo(name=c.name, model_id=c.model_id, step=c.step,
-                             num_bytes=c.num_bytes, created_unix=c.created_unix, error=c.error)

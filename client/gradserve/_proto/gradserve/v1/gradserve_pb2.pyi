@@ -357,19 +357,34 @@ class ZeroGradResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetParametersRequest(_message.Message):
-    __slots__ = ("model_id", "names", "include_grads", "include_buffers")
+    __slots__ = ("model_id", "names", "include_grads", "include_buffers", "include_optimizer_state")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_GRADS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     names: _containers.RepeatedScalarFieldContainer[str]
     include_grads: bool
     include_buffers: bool
-    def __init__(self, model_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., include_grads: _Optional[bool] = ..., include_buffers: _Optional[bool] = ...) -> None: ...
+    include_optimizer_state: bool
+    def __init__(self, model_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., include_grads: _Optional[bool] = ..., include_buffers: _Optional[bool] = ..., include_optimizer_state: _Optional[bool] = ...) -> None: ...
+
+class ParameterOptimizerState(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.MessageMap[str, Tensor]
+    def __init__(self, values: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class GetParametersResponse(_message.Message):
-    __slots__ = ("parameters", "grads", "buffers")
+    __slots__ = ("parameters", "grads", "buffers", "optimizer_state", "optimizer_param_groups")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -391,13 +406,24 @@ class GetParametersResponse(_message.Message):
         key: str
         value: Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class OptimizerStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ParameterOptimizerState
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ParameterOptimizerState, _Mapping]] = ...) -> None: ...
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_PARAM_GROUPS_FIELD_NUMBER: _ClassVar[int]
     parameters: _containers.MessageMap[str, Tensor]
     grads: _containers.MessageMap[str, Tensor]
     buffers: _containers.MessageMap[str, Tensor]
-    def __init__(self, parameters: _Optional[_Mapping[str, Tensor]] = ..., grads: _Optional[_Mapping[str, Tensor]] = ..., buffers: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    optimizer_state: _containers.MessageMap[str, ParameterOptimizerState]
+    optimizer_param_groups: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Struct]
+    def __init__(self, parameters: _Optional[_Mapping[str, Tensor]] = ..., grads: _Optional[_Mapping[str, Tensor]] = ..., buffers: _Optional[_Mapping[str, Tensor]] = ..., optimizer_state: _Optional[_Mapping[str, ParameterOptimizerState]] = ..., optimizer_param_groups: _Optional[_Iterable[_Union[_struct_pb2.Struct, _Mapping]]] = ...) -> None: ...
 
 class SetParametersRequest(_message.Message):
     __slots__ = ("model_id", "parameters", "request_id")
@@ -509,7 +535,7 @@ class TrainSummary(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., epochs: _Optional[int] = ..., final_loss: _Optional[float] = ..., stop_reason: _Optional[_Union[StopReason, str]] = ..., skipped_batches: _Optional[int] = ..., message: _Optional[str] = ..., model_step: _Optional[int] = ...) -> None: ...
 
 class TrainEvent(_message.Message):
-    __slots__ = ("kind", "step", "epoch", "batch_loss", "epoch_loss", "samples_per_second", "learning_rate", "grad_norm", "elapsed_seconds", "val_loss", "summary", "run_step")
+    __slots__ = ("kind", "step", "epoch", "batch_loss", "epoch_loss", "samples_per_second", "learning_rate", "grad_norm", "elapsed_seconds", "val_loss", "summary", "run_step", "total_steps")
     KIND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -522,6 +548,7 @@ class TrainEvent(_message.Message):
     VAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     RUN_STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     kind: EventKind
     step: int
     epoch: int
@@ -534,7 +561,8 @@ class TrainEvent(_message.Message):
     val_loss: float
     summary: TrainSummary
     run_step: int
-    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_loss: _Optional[float] = ..., epoch_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., val_loss: _Optional[float] = ..., summary: _Optional[_Union[TrainSummary, _Mapping]] = ..., run_step: _Optional[int] = ...) -> None: ...
+    total_steps: int
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., step: _Optional[int] = ..., epoch: _Optional[int] = ..., batch_loss: _Optional[float] = ..., epoch_loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., learning_rate: _Optional[float] = ..., grad_norm: _Optional[float] = ..., elapsed_seconds: _Optional[float] = ..., val_loss: _Optional[float] = ..., summary: _Optional[_Union[TrainSummary, _Mapping]] = ..., run_step: _Optional[int] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class TrainStreamConfig(_message.Message):
     __slots__ = ("model_id", "clip_grad_norm", "schedule", "skip_nonfinite")
