@@ -271,7 +271,7 @@ def _numeric_flags() -> int:
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--max-models", "-1"], "--max-models (or GRADSERVE_MAX_MODELS) -1: expected an integer >= 1"),
+    (["--max-models", "-1"], "--max-models (or GRADSERVE_MAX_MODELS) -1: expected an integer in [1, 9007199254740992]"),
     (["--grace-seconds", "-5"],
      "--grace-seconds (or GRADSERVE_GRACE_SECONDS) -5.0: expected a number in [0, 31536000]"),
     (["--graph-ttl-s", "nan"],
