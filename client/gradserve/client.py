@@ -243,11 +243,6 @@ class Client(ClientCalls[RemoteModel]):
                 steps.throw(exc if item.server is None else _channel.ServerError(exc, item.server))
         return steps.result
 
-    def _stub_for(self, key: str) -> Any:
-        """The stub of the server that owns key (the only one's, with one server)."""
-        return self._stub if self._router is None else self._servers[
-            self._router.owner(key)].stub
-
     def _train(self, call: TrainCall) -> TrainRun:
         progress = sys.stdout.isatty() if call.progress is None else call.progress
         stream = self._stub_for(call.op.request.model_id).Train(

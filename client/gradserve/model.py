@@ -236,9 +236,16 @@ class ClientCalls(Generic[M]):
     servers: tuple[str, ...]
     _model_type: Callable[[Any, ModelInfo], M]
     _router: routing.Router | None  # None: one server
+    _stub: Any  # the first (or only) server's
+    _servers: Mapping[str, Any]  # identity -> its connection (channel, stub, health)
 
     def _remote(self, info: ModelInfo) -> M:
         return self._model_type(self, info)
+
+    def _stub_for(self, key: str) -> Any:
+        """The stub of the server that owns key (the only one's, with one server)."""
+        return self._stub if self._router is None else self._servers[
+            self._router.owner(key)].stub
 
     def _placed(self, op: Op[ModelInfo]) -> Op[ModelInfo]:
         """CreateModel without an id, with several servers: the client picks the id (as the
