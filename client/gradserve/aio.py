@@ -13,7 +13,6 @@ Requests and replies are built and decoded by the same code as the sync client's
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
@@ -253,14 +252,8 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
 
     async def _attempt(self, attempt: _ops.Attempt) -> Any:
         """One RPC; grpc.RpcError if it fails."""
-        op = attempt.op
-        if attempt.server is None:
-            stub, health = self._stub, self._health_stub
-        else:
-            server = self._servers[attempt.server]
-            stub, health = server.stub, server.health
-        method = getattr(stub if op.service == _ops.GRADIENT else health, op.rpc)
-        return await method(attempt.request, timeout=attempt.timeout, metadata=self._metadata)
+        return await self._method(attempt)(attempt.request, timeout=attempt.timeout,
+                                          metadata=self._metadata)
 
     async def _drive(self, program: _ops.Program[T]) -> T:
         """Run a Program (see _ops) with awaited calls and sleeps."""
@@ -276,10 +269,7 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
         return steps.result
 
     def _train(self, call: TrainCall) -> AsyncTrainRun:
-        progress = sys.stdout.isatty() if call.progress is None else call.progress
-        stream = self._stub_for(call.op.request.model_id).Train(
-            call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return AsyncTrainRun(stream, progress, call.op.request.model_id)
+        return AsyncTrainRun(*self._open_train(call))
 
     @staticmethod
     async def _fit(run: AsyncTrainRun) -> History:

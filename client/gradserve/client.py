@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -221,14 +220,8 @@ class Client(ClientCalls[RemoteModel]):
 
     def _attempt(self, attempt: _ops.Attempt) -> Any:
         """One RPC; grpc.RpcError if it fails."""
-        op = attempt.op
-        if attempt.server is None:
-            stub, health = self._stub, self._health_stub
-        else:
-            server = self._servers[attempt.server]
-            stub, health = server.stub, server.health
-        method = getattr(stub if op.service == _ops.GRADIENT else health, op.rpc)
-        return method(attempt.request, timeout=attempt.timeout, metadata=self._metadata)
+        return self._method(attempt)(attempt.request, timeout=attempt.timeout,
+                                          metadata=self._metadata)
 
     def _drive(self, program: _ops.Program[T]) -> T:
         """Run a Program (see _ops) with blocking calls and sleeps."""
@@ -244,10 +237,7 @@ class Client(ClientCalls[RemoteModel]):
         return steps.result
 
     def _train(self, call: TrainCall) -> TrainRun:
-        progress = sys.stdout.isatty() if call.progress is None else call.progress
-        stream = self._stub_for(call.op.request.model_id).Train(
-            call.op.request, timeout=call.timeout, metadata=self._metadata)
-        return TrainRun(stream, progress, call.op.request.model_id)
+        return TrainRun(*self._open_train(call))
 
     @staticmethod
     def _fit(run: TrainRun) -> History:

@@ -11,6 +11,7 @@ result.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
 
@@ -238,6 +239,8 @@ class ClientCalls(Generic[M]):
     _router: routing.Router | None  # None: one server
     _stub: Any  # the first (or only) server's
     _servers: Mapping[str, Any]  # identity -> its connection (channel, stub, health)
+    _health_stub: Any
+    _metadata: Any
 
     def _remote(self, info: ModelInfo) -> M:
         return self._model_type(self, info)
@@ -246,6 +249,22 @@ class ClientCalls(Generic[M]):
         """The stub of the server that owns key (the only one's, with one server)."""
         return self._stub if self._router is None else self._servers[
             self._router.owner(key)].stub
+
+    def _method(self, attempt: _ops.Attempt) -> Any:
+        """The stub method (sync or async) one attempt calls, on the server it names."""
+        conn = self._servers[attempt.server] if attempt.server is not None else None
+        stub = self._stub if conn is None else conn.stub
+        health = self._health_stub if conn is None else conn.health
+        return getattr(stub if attempt.op.service == _ops.GRADIENT else health, attempt.op.rpc)
+
+    def _open_train(self, call: TrainCall) -> tuple[Any, bool, str]:
+        """A Train call's stream, whether to show progress (a terminal, unless told), and the
+        model id: what TrainRun and AsyncTrainRun are made of."""
+        progress = sys.stdout.isatty() if call.progress is None else call.progress
+        model_id = call.op.request.model_id
+        stream = self._stub_for(model_id).Train(call.op.request, timeout=call.timeout,
+                                                metadata=self._metadata)
+        return stream, progress, model_id
 
     def _placed(self, op: Op[ModelInfo]) -> Op[ModelInfo]:
         """CreateModel without an id, with several servers: the client picks the id (as the
