@@ -1008,19 +1008,7 @@ def test_client_without_a_valid_token_calls_every_method(
     address = f"127.0.0.1:{server.port}"
 
     def code(channel: grpc.Channel, method: Any, metadata: Any) -> grpc.StatusCode:
-        path = SERVICE + method.name
-        try:
-            if method.client_streaming and method.server_streaming:
-                list(channel.stream_stream(path)(iter([b""]), timeout=10, metadata=metadata))
-            elif method.client_streaming:
-                channel.stream_unary(path)(iter([b""]), timeout=10, metadata=metadata)
-            elif method.server_streaming:
-                list(channel.unary_stream(path)(b"", timeout=10, metadata=metadata))
-            else:
-                channel.unary_unary(path)(b"", timeout=10, metadata=metadata)
-        except grpc.RpcError as exc:
-            return exc.code()  # type: ignore[no-any-return]
-        return grpc.StatusCode.OK
+        return _call_code(channel, method, metadata)[0]
 
     with grpc.insecure_channel(address) as channel:
         for method in METHODS:
