@@ -46,6 +46,17 @@ def require_tool(ok: bool, what: str) -> None:
     pytest.skip(f"{what} is not installed")
 
 
+def require_root(why: str) -> None:
+    """Skip locally without root (and mount(8)); CI runs as root, so there it is a failure."""
+    import shutil
+
+    if os.geteuid() == 0 and shutil.which("mount") is not None:
+        return
+    if IN_CI:
+        pytest.fail(f"root and mount(8) are required in CI ({why})")
+    pytest.skip(f"needs root and mount(8) ({why})")
+
+
 @pytest.fixture
 def make_server() -> Iterator[Callable[..., GradServer]]:
     """Start servers with Settings overrides; all are stopped at teardown."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from conftest import require_root
 from gradserve import (
     Client,
     FailedPreconditionError,
@@ -456,8 +456,7 @@ def test_state_dir_that_cannot_be_created_exits_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.hostile("state dir, kills (operator)")
 def test_state_dir_on_a_read_only_mount_exits_at_once(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a read-only tmpfs needs root (CI runs as root)")
+    require_root("the test mounts a read-only tmpfs")
     ro = tmp_path / "ro"
     ro.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
@@ -546,8 +545,7 @@ def test_unchanged_models_are_not_rewritten_at_shutdown(make_server: Any, tmp_pa
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: a disk that fills up. Needs root (CI runs as root)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8) (CI runs as root)")
+    require_root("the test mounts a small tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)

@@ -73,7 +73,6 @@ def test_read_dataset_keys_and_csv_target_column(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
 def test_save_and_load_tensors_round_trip(tmp_path: Path, suffix: str) -> None:
-    pytest.importorskip("safetensors")
     values = {"w": torch.randn(3, 2), "b": torch.arange(3), "flag": torch.tensor([True])}
     path = str(tmp_path / f"t{suffix}")
     io.save_tensors(values, path, {"step": "7"})
@@ -88,7 +87,6 @@ def test_save_and_load_tensors_round_trip(tmp_path: Path, suffix: str) -> None:
 
 
 def test_bfloat16_goes_to_safetensors_only(tmp_path: Path) -> None:
-    pytest.importorskip("safetensors")
     values = {"w": torch.randn(4).to(torch.bfloat16)}
     io.save_tensors(values, str(tmp_path / "w.safetensors"))
     assert torch.equal(io.load_tensors(str(tmp_path / "w.safetensors"))["w"], values["w"])
@@ -102,6 +100,5 @@ def test_tensor_file_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(io.FileError, match="missing.npz: no such file"):
         io.load_tensors(str(tmp_path / "missing.npz"))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    if pytest.importorskip("safetensors"):
-        with pytest.raises(io.FileError, match="junk.safetensors: not a readable"):
-            io.load_tensors(str(tmp_path / "junk.safetensors"))
+    with pytest.raises(io.FileError, match="junk.safetensors: not a readable"):
+        io.load_tensors(str(tmp_path / "junk.safetensors"))
