@@ -1,10 +1,10 @@
 """Safe math expressions: parsed with ast, checked against an allow-list, compiled to closures.
 
 Nothing is ever passed to eval/exec. An expression computes exactly what the same text computes
-as Python with LOCAL_NAMES bound (torch's functions, math's pi and e): binary operators are
-Python's own, applied to tensors; arithmetic on constants is folded with Python's semantics
-(int op int stays int); arguments after a function's tensors are passed as the literals they
-are (sum(x, 1) is torch.sum(x, 1)). Text that would raise locally for every input (exp(1),
+as Python with FUNCTIONS' torch functions and CONSTANTS bound (docs/models.md, "Expressions"):
+binary operators are Python's own, applied to tensors; arithmetic on constants is folded with
+Python's semantics (int op int stays int); arguments after a function's tensors are passed as
+the literals they are (sum(x, 1) is torch.sum(x, 1)). Text that would raise locally for every input (exp(1),
 maximum(x, 0), an integer beyond int64) is refused at creation.
 """
 
@@ -73,9 +73,6 @@ FUNCTIONS: dict[str, Function] = {
     "minimum": Function(torch.minimum, 2),
 }
 CONSTANTS: dict[str, float] = {"pi": math.pi, "e": math.e}
-# What local code binds each name to: the expression text evaluated as Python with these names
-# (and the inputs and parameters) computes what the server computes (README "Expressions").
-LOCAL_NAMES: dict[str, Any] = {**{k: f.fn for k, f in FUNCTIONS.items()}, **CONSTANTS}
 
 _BINOPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,

@@ -19,7 +19,6 @@ OPTIMIZERS: dict[str, tuple[type[optim.Optimizer], frozenset[str]]] = {
     "rmsprop": (optim.RMSprop, _COMMON | {"alpha", "eps", "momentum", "centered"}),
     "adagrad": (optim.Adagrad, _COMMON | {"lr_decay", "initial_accumulator_value", "eps"}),
 }
-DEFAULT = {"type": "sgd", "lr": 0.001}
 # Ranges by argument (types come from the optimizers' annotations: betas is a pair).
 BOUNDS: dict[str, Bound] = {
     **dict.fromkeys(("lr", "eps", "weight_decay", "momentum", "alpha", "lr_decay",

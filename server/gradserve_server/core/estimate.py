@@ -32,18 +32,6 @@ def storage_key(t: torch.Tensor) -> int:
     return int(t.untyped_storage()._cdata)
 
 
-def storage_bytes(tensors: Sequence[torch.Tensor], seen: set[int] | None = None) -> int:
-    """Bytes of the distinct storages behind tensors, skipping (and adding to) `seen`."""
-    seen = set() if seen is None else seen
-    total = 0
-    for t in tensors:
-        key = storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
-
-
 class SavedBytes:
     """saved_tensors_hooks that count the distinct storages autograd saves for backward.
 

@@ -176,11 +176,6 @@ def split_sizes(n: int, world: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world)]
 
 
-def whole(world: int) -> list[int]:
-    """Rank 0 computes the whole call (an objective, outputs that are not per sample)."""
-    return [1] + [0] * (world - 1)
-
-
 def offsets(sizes: Sequence[int]) -> list[int]:
     out, at = [], 0
     for s in sizes:

@@ -143,7 +143,6 @@ class Driver(GroupComm):
         self.broken = threading.Event()
         self.reason = ""
         self.on_broken: Callable[[str], None] | None = None
-        self.verified = 0  # replicas compared (--dist-verify)
         self._turns = Turns()
         self._seq = 0
         self._counts: dict[str, int] = {}
@@ -328,7 +327,6 @@ class Driver(GroupComm):
             raise self._lost(exc) from None
         finally:
             self._report(model.id)
-        self.verified += 1
         if len(set(digests)) != 1:
             differ = [r for r, d in enumerate(digests) if d != digests[0]]
             self._break(f"the replicas of model {model.id!r} differ after {op} (rank(s) "
