@@ -81,9 +81,8 @@ def state_digest(model: Model) -> str:
         if t is None:
             h.update(b"\0none")
             return
-        t = t.detach().contiguous().cpu()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(_raw(t))
 
     for name, t in model.module.state_dict().items():
         add(name, t)
