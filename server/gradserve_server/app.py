@@ -24,7 +24,7 @@ from .core.parallel import LOCAL, Parallel
 from .core.service import CheckpointResult, Core
 from .core.statedir import place_scratch
 from .metrics import Metrics
-from .settings import Settings, env_name
+from .settings import Settings, flag_name
 from .tokens import load_tokens
 from .transport.interceptors import (
     AdmissionInterceptor,
@@ -87,27 +87,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _flag(field: str) -> str:
-    """'--metrics-port (or GRADSERVE_METRICS_PORT)': how start-up errors name a setting."""
-    return f"--{field.replace('_', '-')} (or {env_name(field)})"
-
-
 def _listen_error(exc: OSError, host: str, port: int, fields: tuple[str, str]) -> StartupError:
     """One line naming the flag, the value and the cause of a failed bind."""
     host_field, port_field = fields
     if exc.errno == errno.EADDRINUSE:
         off = ", or -1 to turn /metrics off" if port_field == "metrics_port" else ""
         return StartupError(
-            f"{_flag(port_field)} {port}: {host}:{port} is already in use by another process "
+            f"{flag_name(port_field)} {port}: {host}:{port} is already in use by another process "
             f"(another gradserve-server?); choose another port, 0 for a free one{off}")
     if exc.errno == errno.EADDRNOTAVAIL:
         return StartupError(
-            f"{_flag(host_field)} {host!r}: not an address of this machine ({exc.strerror}); "
+            f"{flag_name(host_field)} {host!r}: not an address of this machine ({exc.strerror}); "
             "use 127.0.0.1, 0.0.0.0 (every interface) or one of this machine's addresses")
     if exc.errno == errno.EACCES:
-        return StartupError(f"{_flag(port_field)} {port}: permission denied: ports below 1024 "
+        return StartupError(f"{flag_name(port_field)} {port}: permission denied: ports below 1024 "
                             "need root (or CAP_NET_BIND_SERVICE); choose a port >= 1024")
-    return StartupError(f"{_flag(host_field)} {host!r} / {_flag(port_field)} {port}: cannot "
+    return StartupError(f"{flag_name(host_field)} {host!r} / {flag_name(port_field)} {port}: cannot "
                         f"listen there ({exc.strerror or exc})")
 
 
@@ -121,7 +116,7 @@ def check_listen(host: str, port: int, fields: tuple[str, str]) -> None:
                                    flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
         cause = getattr(exc, "strerror", None) or exc
-        raise StartupError(f"{_flag(fields[0])} {host!r}: not an IP address of this machine, "
+        raise StartupError(f"{flag_name(fields[0])} {host!r}: not an IP address of this machine, "
                            f"and no name resolves to it ({cause})") from None
     first: OSError | None = None
     for family, kind, proto, _name, address in found:
@@ -143,10 +138,10 @@ def _read_pem(field: str, path: str, marker: re.Pattern[bytes], what: str) -> by
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise StartupError(f"{_flag(field)} {path}: cannot read it "
+        raise StartupError(f"{flag_name(field)} {path}: cannot read it "
                            f"({exc.strerror or exc})") from None
     if not marker.search(data):
-        raise StartupError(f"{_flag(field)} {path}: no {what} in it (expected a PEM block "
+        raise StartupError(f"{flag_name(field)} {path}: no {what} in it (expected a PEM block "
                            f"'{marker.pattern.decode().replace('[A-Z ]*', '')}')")
     return data
 
@@ -161,7 +156,7 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
                      "certificate")
     key = _read_pem("tls_key", settings.tls_key, PRIVATE_KEY, "private key")
     if b"ENCRYPTED" in key:
-        raise StartupError(f"{_flag('tls_key')} {settings.tls_key}: the private key is "
+        raise StartupError(f"{flag_name('tls_key')} {settings.tls_key}: the private key is "
                            "encrypted; gRPC needs it unencrypted (openssl pkey -in KEY -out NEW)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
@@ -169,7 +164,7 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     except ssl.SSLError as exc:
         cause = ("the key does not belong to the certificate"
                  if exc.reason == "KEY_VALUES_MISMATCH" else f"OpenSSL: {exc.reason or exc}")
-        raise StartupError(f"{_flag('tls_cert')} {settings.tls_cert} with {_flag('tls_key')} "
+        raise StartupError(f"{flag_name('tls_cert')} {settings.tls_cert} with {flag_name('tls_key')} "
                            f"{settings.tls_key}: {cause}") from None
     client_ca = None
     if settings.tls_client_ca:
@@ -178,7 +173,7 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         try:
             context.load_verify_locations(cafile=settings.tls_client_ca)
         except ssl.SSLError as exc:
-            raise StartupError(f"{_flag('tls_client_ca')} {settings.tls_client_ca}: OpenSSL: "
+            raise StartupError(f"{flag_name('tls_client_ca')} {settings.tls_client_ca}: OpenSSL: "
                                f"{exc.reason or exc}") from None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
@@ -191,19 +186,19 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise StartupError(f"{_flag('device')} {name!r}: expected auto, cpu, cuda or cuda:N"
+        raise StartupError(f"{flag_name('device')} {name!r}: expected auto, cpu, cuda or cuda:N"
                            ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise StartupError(f"{_flag('device')} {name}: CUDA is not available on this "
+            raise StartupError(f"{flag_name('device')} {name}: CUDA is not available on this "
                                "machine (or this torch build has no CUDA); use --device cpu")
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise StartupError(f"{_flag('device')} {name}: this machine has only "
+            raise StartupError(f"{flag_name('device')} {name}: this machine has only "
                                f"{torch.cuda.device_count()} CUDA device(s), cuda:0 ...")
         return torch.device("cuda", index)
     if device.type != "cpu":
-        raise StartupError(f"{_flag('device')} {name!r}: expected auto, cpu, cuda or cuda:N")
+        raise StartupError(f"{flag_name('device')} {name!r}: expected auto, cpu, cuda or cuda:N")
     return device
 
 
@@ -320,7 +315,7 @@ class GradServer:
             self.port = self.transport.add_port(address, self._credentials)
         except (OSError, RuntimeError) as exc:  # taken since check_listen, or gRPC disagrees
             self.transport.close()
-            raise StartupError(f"{_flag('host')} / {_flag('port')}: cannot serve gRPC on "
+            raise StartupError(f"{flag_name('host')} / {flag_name('port')}: cannot serve gRPC on "
                                f"{address}: {exc}") from None
         self.metrics_port = -1
         self._metrics_server: object | None = None

@@ -222,7 +222,7 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if str(f.type) in ("int", "float") and not in_range(value, f.metadata):
-                parser.error(f"--{f.name.replace('_', '-')} (or {env_name(f.name)}) {value!r}: "
+                parser.error(f"{flag_name(f.name)} {value!r}: "
                              f"expected {accepted_range(f.metadata, str(f.type))}")
         if not DEVICE.fullmatch(self.device):
             parser.error(f"--device (or GRADSERVE_DEVICE) {self.device!r}: expected auto, cpu, "
@@ -254,6 +254,11 @@ class Settings:
 
 def env_name(name: str) -> str:
     return f"GRADSERVE_{name.upper()}"
+
+
+def flag_name(name: str) -> str:
+    """'--metrics-port (or GRADSERVE_METRICS_PORT)': how errors name a setting."""
+    return f"--{name.replace('_', '-')} (or {env_name(name)})"
 
 
 _BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
