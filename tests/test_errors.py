@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import grpc
@@ -232,3 +233,42 @@ def test_expression_parameters_are_in_name_order(client: Client) -> None:
                             parameters={"z": 1.0, "m": 2.0, "a": 3.0})
     assert [p.name for p in m.info.parameters] == ["a", "m", "z"]
     assert list(m.parameters()) == ["a", "m", "z"]
+
+
+@pytest.mark.parametrize("loss, target, want", [
+    ({"type": "cross_entropy", "weight": [1.0, 2.0]}, torch.tensor([0, 1, 2, 0]),
+     "spec.loss (cross_entropy).weight: 2 values for an output of 3 classes"),
+    ({"type": "nll", "weight": [1.0]}, torch.tensor([0, 1, 2, 0]),
+     "spec.loss (nll).weight: 1 values for an output of 3 classes"),
+    ({"type": "bce_with_logits", "pos_weight": [1.0, 2.0]}, torch.rand(4, 3),
+     "spec.loss (bce_with_logits).pos_weight: 2 values for an output of 3 classes"),
+])
+def test_client_gives_loss_weights_for_the_wrong_number_of_classes(
+        client: Client, loss: dict[str, Any], target: torch.Tensor, want: str) -> None:
+    """The classes are known at the first batch: the refusal names the loss's field, not the
+    target (which is right), and the model is unchanged."""
+    m = client.create_model(layers=[{"type": "Linear", "in_features": 2, "out_features": 3}],
+                            loss=loss, optimizer="sgd", seed=0)
+    before = m.parameters()
+    with pytest.raises(InvalidArgumentError, match=re.escape(want)):
+        m.backward(torch.randn(4, 2), target, step=True)
+    assert all(torch.equal(before[k], v) for k, v in m.parameters().items())
+    assert m.refresh().step == 0
+    m.delete()
+
+
+def test_client_sends_a_number_json_cannot_carry(client: Client) -> None:
+    """A value beyond float64 in a spec is refused by the SDK naming the field, as the server
+    would, not with a bare OverflowError."""
+    with pytest.raises(InvalidArgumentError, match=r"loss\.weight: .*cannot travel as JSON"):
+        client.create_model(layers=[{"type": "Linear", "in_features": 2, "out_features": 3}],
+                            loss={"type": "cross_entropy", "weight": [1, 2, 10**400]})
+    assert client.list_models() == []
+
+
+def test_client_gives_an_integer_beyond_int64(client: Client) -> None:
+    """An integer too large is out of range, not 'not an integer'."""
+    with pytest.raises(InvalidArgumentError,
+                       match=r"ignore_index: .* is out of range \(beyond int64\)"):
+        client.create_model(layers=[{"type": "Linear", "in_features": 2, "out_features": 3}],
+                            loss={"type": "cross_entropy", "ignore_index": 2**70})

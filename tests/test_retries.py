@@ -1,7 +1,7 @@
 """Retries and deadlines, counted on a server that fails on purpose.
 
 One mechanism: `retries` is the number of attempts after the first, for calls safe to repeat
-(the methods service_config.json names, Forward without retain_graph), on UNAVAILABLE and on a
+(the methods service_config.json names, Forward only in eval mode), on UNAVAILABLE and on a
 CANCELLED the client did not cause;
 `timeout` is one deadline over every attempt and the waits between them; DEADLINE_EXCEEDED is
 never retried. Both clients, the same numbers.
@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from gradserve import (
     AsyncClient,
     CancelledError,
@@ -138,9 +139,12 @@ def test_calls_not_safe_to_repeat_are_attempted_once(failing: Callable[..., Fail
     with pytest.raises(UnavailableError):  # each attempt would keep a graph on the server
         call(kind, server, lambda c: model(c).forward(np.ones(2), retain_graph=True), retries=3)
     assert server.attempts("CreateModel") == 1 and server.attempts("Forward") == 1
-    with pytest.raises(UnavailableError):
+    with pytest.raises(UnavailableError):  # each attempt would update BatchNorm statistics
         call(kind, server, lambda c: model(c).forward(np.ones(2)), retries=3)
-    assert server.attempts("Forward") == 1 + 4
+    assert server.attempts("Forward") == 2
+    with pytest.raises(UnavailableError):  # eval mode changes nothing: retried
+        call(kind, server, lambda c: model(c).forward(np.ones(2), eval_mode=True), retries=3)
+    assert server.attempts("Forward") == 2 + 4
 
 
 @BOTH
@@ -229,3 +233,102 @@ def test_one_list_of_retryable_methods() -> None:
             "name": [{"service": "s"}], "retryPolicy": {
                 "maxAttempts": 2, "initialBackoff": "0.1s", "maxBackoff": "1s",
                 "backoffMultiplier": 2, "retryableStatusCodes": ["DEADLINE_EXCEEDED"]}}]}))
+
+
+# ------------------------------------------------------------------ against the real server
+
+
+class _LostReply(grpc.RpcError):
+    """What the SDK sees when gRPC drops a call whose handler already ran on the server."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "dropped under load"
+
+
+def test_a_training_mode_forward_whose_reply_is_lost_is_not_applied_twice(
+        client: Client) -> None:
+    """A training-mode Forward changes the model (BatchNorm statistics, dropout draws): after
+    a lost reply it is not repeated, and the model holds what one local forward leaves."""
+    from torch import nn
+
+    m = client.create_model(layers=[{"type": "Linear", "in_features": 3, "out_features": 4},
+                                    {"type": "BatchNorm1d", "num_features": 4}], seed=0)
+    real = client._attempt
+    attempts: list[str] = []
+
+    def lose_the_first_forward_reply(item: Any) -> Any:
+        reply = real(item)
+        attempts.append(item.op.rpc)
+        if item.op.rpc == "Forward" and attempts.count("Forward") in (1, 2):  # 1 of each
+            raise _LostReply()
+        return reply
+
+    client._attempt = lose_the_first_forward_reply  # type: ignore[method-assign]
+    x = torch.randn(8, 3)
+    try:
+        with pytest.raises(CancelledError):
+            m.forward(x)
+        assert attempts.count("Forward") == 1
+        m.forward(x, eval_mode=True)  # changes nothing: retried after its lost reply
+        assert attempts.count("Forward") == 3
+    finally:
+        client._attempt = real  # type: ignore[method-assign]
+    torch.manual_seed(0)
+    local = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    local(x)
+    got = m.parameters(buffers=True)
+    assert int(got["1.num_batches_tracked"]) == 1
+    assert torch.equal(got["1.running_mean"], local[1].running_mean)
+    m.delete()
+
+
+def test_a_call_cut_short_by_close_is_not_retried(make_server: Callable[..., Any]) -> None:
+    """close() from another thread ends the call in flight: that CANCELLED is the client's own
+    doing, so it is not retried, and the caller gets a GradServeError saying so."""
+    server = make_server()
+    c = Client(f"127.0.0.1:{server.port}", shared_memory=False)
+    m = c.create_model(layers=[{"type": "Linear", "in_features": 512, "out_features": 512}],
+                       loss="mse", seed=0)
+    real = c._attempt
+    attempts: list[str] = []
+
+    def counted(item: Any) -> Any:
+        attempts.append(item.op.rpc)
+        return real(item)
+
+    c._attempt = counted  # type: ignore[method-assign]
+    x, y = torch.randn(20000, 512), torch.randn(20000, 512)
+    timer = threading.Timer(0.2, c.close)
+    timer.start()
+    with pytest.raises(CancelledError, match="client was closed"):
+        m.backward(x, y, step=True)
+    timer.join()
+    assert attempts == ["Backward"]
+
+
+def test_an_async_call_cut_short_by_close_raises_a_gradserve_error(
+        make_server: Callable[..., Any]) -> None:
+    """grpc.aio ends a closed channel's calls with asyncio.CancelledError; a task nobody
+    cancelled gets the SDK's CancelledError instead (asyncio would read the other as 'this task
+    was cancelled')."""
+    server = make_server()
+
+    async def main() -> BaseException | None:
+        ac = AsyncClient(f"127.0.0.1:{server.port}")
+        am = await ac.create_model(
+            layers=[{"type": "Linear", "in_features": 512, "out_features": 512}], loss="mse")
+        task = asyncio.ensure_future(am.backward(torch.randn(20000, 512),
+                                                 torch.randn(20000, 512), step=True))
+        await asyncio.sleep(0.2)
+        await ac.close()
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001 - what the task ended with is the result
+            return exc
+        return None
+
+    error = asyncio.run(main())
+    assert error is None or isinstance(error, CancelledError), repr(error)

@@ -74,9 +74,10 @@ class Op(Generic[T]):
     @property
     def retryable(self) -> bool:
         """Safe to repeat: named by the retry policy, except a Forward that keeps a graph (each
-        attempt would keep one)."""
+        attempt would keep one) or runs in training mode (each attempt would update BatchNorm
+        statistics and draw dropout masks again; only an eval_mode Forward changes nothing)."""
         return (self.service, self.rpc) in _channel.POLICY.methods and not (
-            self.rpc == "Forward" and self.request.retain_graph)
+            self.rpc == "Forward" and (self.request.retain_graph or not self.request.eval_mode))
 
     def then(self, fn: Callable[[T], U]) -> Op[U]:
         """The same call, its decoded reply passed through fn (e.g. info -> RemoteModel)."""
@@ -319,10 +320,17 @@ def decode_named(msgs: Mapping[str, pb.Tensor], order: Sequence[str] = ()) -> di
     return {k: codec.decode(msgs[k], k) for k in keys}
 
 
-def struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
+def struct(values: Mapping[str, Any] | None, what: str) -> struct_pb2.Struct:
+    """values as a protobuf Struct (JSON); InvalidArgumentError naming what.key for a value
+    JSON cannot carry (a number beyond float64, an object that is not JSON)."""
     out = struct_pb2.Struct()
-    if values:
-        out.update(dict(values))
+    for key, value in (values or {}).items():
+        try:
+            out.update({key: value})
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise InvalidArgumentError(
+                f"{what}.{key}: {value!r:.80} cannot travel as JSON ({exc}); give numbers "
+                "within float64, strings, booleans, lists or objects of those") from None
     return out
 
 
@@ -373,7 +381,7 @@ def create_model(
             if not isinstance(kind, str):  # a spec's values are checked as values (ValueError)
                 raise ValueError(  # noqa: TRY004
                     f"layers[{i}]: needs a 'type', e.g. {{'type': 'Linear', ...}}")
-            spec.layers.layers.append(pb.Layer(type=kind, kwargs=struct(layer)))
+            spec.layers.layers.append(pb.Layer(type=kind, kwargs=struct(layer, f"layers[{i}]")))
     elif expression is not None:
         spec.expression.SetInParent()
         spec.expression.expression = expression
@@ -389,16 +397,16 @@ def create_model(
     else:
         spec.plugin.SetInParent()
         spec.plugin.name = plugin or ""
-        spec.plugin.kwargs.CopyFrom(struct(plugin_kwargs))
+        spec.plugin.kwargs.CopyFrom(struct(plugin_kwargs, "plugin_kwargs"))
     if loss is not None:
         cfg = {"type": loss} if isinstance(loss, str) else dict(loss)
         spec.loss.type = cfg.pop("type", "")
         spec.loss.reduction = cfg.pop("reduction", "")
-        spec.loss.kwargs.CopyFrom(struct(cfg))
+        spec.loss.kwargs.CopyFrom(struct(cfg, "loss"))
     if optimizer is not None:
         cfg = {"type": optimizer} if isinstance(optimizer, str) else dict(optimizer)
         spec.optimizer.type = cfg.pop("type", "sgd")
-        spec.optimizer.params.CopyFrom(struct(cfg))
+        spec.optimizer.params.CopyFrom(struct(cfg, "optimizer"))
     if seed is not None:
         spec.seed = seed_field(seed, "seed")
     for name, value in named(initial_parameters, "initial_parameters", floats).items():
@@ -521,7 +529,7 @@ def schedule(spec: str | Mapping[str, Any] | None) -> pb.ScheduleSpec:
     return pb.ScheduleSpec(type=cfg.pop("type", "none"),
                            warmup_steps=int(cfg.pop("warmup_steps", 0)),
                            warmup_start_factor=float(cfg.pop("warmup_start_factor", 0.0)),
-                           params=struct(cfg))
+                           params=struct(cfg, "schedule"))
 
 
 @dataclass(frozen=True)

@@ -265,7 +265,15 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
             try:
                 steps.send(await self._attempt(item))
             except grpc.RpcError as exc:
+                if self._closed:
+                    raise self._closed_error() from None
                 steps.throw(exc if item.server is None else _channel.ServerError(exc, item.server))
+            except asyncio.CancelledError:
+                # grpc.aio ends the calls of a closed channel with CancelledError: for a task
+                # nobody cancelled, that is close()'s doing, and an error of the call.
+                if self._closed and not _task_cancelling():
+                    raise self._closed_error() from None
+                raise
         return steps.result
 
     def _train(self, call: TrainCall) -> AsyncTrainRun:
@@ -290,6 +298,7 @@ class AsyncClient(ClientCalls[AsyncRemoteModel]):
             call.cancel()
 
     async def close(self) -> None:
+        self._closed = True
         for server in self._servers.values():
             await server.channel.close()
 

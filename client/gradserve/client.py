@@ -233,6 +233,8 @@ class Client(ClientCalls[RemoteModel]):
             try:
                 steps.send(self._attempt(item))
             except grpc.RpcError as exc:
+                if self._closed:
+                    raise self._closed_error() from None
                 steps.throw(exc if item.server is None else _channel.ServerError(exc, item.server))
         return steps.result
 
@@ -257,6 +259,7 @@ class Client(ClientCalls[RemoteModel]):
             call.cancel()
 
     def close(self) -> None:
+        self._closed = True
         for server in self._servers.values():
             if server.shm is not None:
                 server.shm.close()

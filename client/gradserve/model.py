@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from . import _ops, codec, routing
 from ._ops import Op, TrainCall
 from ._proto.gradserve.v1 import gradserve_pb2 as pb
-from .errors import GradServeError
+from .errors import CancelledError, GradServeError
 from .results import (
     BackwardResult,
     CheckpointInfo,
@@ -241,6 +241,11 @@ class ClientCalls(Generic[M]):
     _servers: Mapping[str, Any]  # identity -> its connection (channel, stub, health)
     _health_stub: Any
     _metadata: Any
+    _closed: bool = False  # close() was called: a call it cut short is not retried
+
+    def _closed_error(self) -> GradServeError:
+        return CancelledError("the client was closed (close()) while this call was in flight; "
+                              "it may or may not have run on the server")
 
     def _remote(self, info: ModelInfo) -> M:
         return self._model_type(self, info)

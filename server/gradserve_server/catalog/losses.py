@@ -74,6 +74,22 @@ class Loss:
     def __call__(self, output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         return self._apply(output, target, summed=False)
 
+    def _check_classes(self, output: torch.Tensor) -> None:
+        """weight has one value per class (the output's dimension 1, or 0 unbatched);
+        pos_weight one, or one per class (the output's last dimension). Said here, naming the
+        loss's field: torch's own message blames neither."""
+        for key, values in self.tensors.items():
+            if output.dim() == 0:
+                continue
+            classes = output.shape[-1] if key == "pos_weight" else output.shape[
+                1 if output.dim() >= 2 else 0]
+            allowed = (1, classes) if key == "pos_weight" else (classes,)
+            if values.numel() not in allowed:
+                raise InvalidArgument(
+                    f"spec.loss ({self.name}).{key}: {values.numel()} values for an output of "
+                    f"{classes} classes (shape {list(output.shape)}); give "
+                    f"{'one, or ' if key == 'pos_weight' else ''}one per class")
+
     def _modules(self, device: torch.device) -> tuple[nn.Module, nn.Module]:
         assert self.module is not None and self.sum_module is not None
         weights = next(iter(self.tensors.values()), None)
@@ -109,6 +125,8 @@ class Loss:
             )
         if not self.elementwise and not target.is_floating_point():
             target = target.long()
+        if self.tensors:
+            self._check_classes(output)
         module = self._modules(output.device)[1 if summed else 0]
         try:
             return module(output, target)
