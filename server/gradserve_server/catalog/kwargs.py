@@ -156,9 +156,10 @@ def _check_value(key: str, value: Any, ann: Any, bound: Bound | None, what: str)
     if isinstance(value, tuple) and len(value) > MAX_LIST:
         raise InvalidArgument(f"{what}.{key}: a list of {len(value)} items; at most {MAX_LIST}")
     sent = _shown(value)
-    if isinstance(value, float) and value.is_integer() and abs(value) > MAX_INT:
-        raise InvalidArgument(f"{what}.{key}: {sent!r} is out of range (beyond int64)")
     if not fits(value, ann):
+        if isinstance(value, float) and value.is_integer() and abs(value) > MAX_INT:
+            # an integer JSON carried as a double, too large for int64
+            raise InvalidArgument(f"{what}.{key}: {sent!r} is out of range (beyond int64)")
         raise InvalidArgument(f"{what}.{key}: expected {describe(ann)}, got {sent!r}")
     each = "each number " if isinstance(value, tuple) else ""
     for v in _numbers(value):
